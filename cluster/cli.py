@@ -1,0 +1,97 @@
+"""The ``shoal`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from importlib.metadata import PackageNotFoundError, version
+
+
+def _version() -> str:
+    try:
+        return version("shoal")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default="smollm2-135m",
+                   help="HF checkpoint dir, .gguf file, alias 'smollm2-135m', or a shape preset "
+                        "(llama-3.1-8b, qwen2.5-0.5b, ...) with --load-format dummy (default: %(default)s)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer path if not the model's own")
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="CPU KV cache size")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0, help="seed of dummy weights and unseeded sampling")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(tokenizer=args.tokenizer, load_format=args.load_format, dtype=args.dtype,
+                device=args.device, max_model_len=args.max_model_len, block_size=args.block_size,
+                enable_prefix_caching=args.enable_prefix_caching, num_kv_blocks=args.num_kv_blocks,
+                kv_cache_memory_gb=args.kv_cache_memory_gb,
+                gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from shoal.workers import LLM, SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.sampling_seed, stop=args.stop or ())
+    llm = LLM(args.model, **engine_kwargs(args))
+    prompt = args.prompt
+    if args.chat:
+        prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}]), add_special_tokens=False)
+    else:
+        print(prompt, end="", flush=True)
+    for delta in llm.stream(prompt, params):
+        print(delta, end="", flush=True)
+    print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description="shoal: a distributed LLM serving cluster")
+    parser.add_argument("--version", action="version", version=f"shoal {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal",
+                         description="Load a model in this process and stream a completion of PROMPT.")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad input: one clear line, not a traceback
+        print(f"shoal: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Continuous batching with one token budget per step.
+
+Each step the running requests go first (decodes and unfinished prefill chunks alike), then waiting
+ones are admitted while budget, sequence slots and KV blocks last. When a running request cannot get a
+block, the lowest-priority running request (the latest under FCFS) is preempted by recompute: its blocks
+are freed and it waits again, to recompute its prompt and the tokens it had generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kv_cache_manager import KVCacheManager
+from .outputs import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
+                      SchedulerOutput)
+from .request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # "fcfs" | "priority" (lower Request.priority first, then arrival)
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
+                f">= max_model_len ({self.max_model_len}) or long prompts could never be scheduled")
+
+
+@dataclass
+class SchedulerStats:
+    """Counters since start: what ran, what the prefix cache saved, how often the pool overflowed."""
+
+    num_steps: int = 0
+    num_computed_tokens: int = 0  # tokens run through the model (prefill, recompute and decode)
+    num_prefix_queries: int = 0  # tokens of admitted requests looked up in the prefix cache
+    num_prefix_hits: int = 0  # of those, tokens found cached (not computed)
+    num_preemptions: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+        self.config = config
+        self.stats = SchedulerStats()
+        self.kv_cache = kv_cache
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: set[str] = set()  # to tell the runner next step
+
+    # -- admission ------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self._enqueue(request)
+
+    def finish_requests(self, request_ids, status: RequestStatus) -> list[Request]:
+        """End requests from outside the step (abort, a stop string found by the detokenizer)."""
+        done = []
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            request = self.requests.get(rid)
+            if request is None or request.status.finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free(request)
+            done.append(request)
+        return done
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step -------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted: set[str] = set()
+        held_before: dict[str, int] = {}
+
+        if self.config.policy == "priority":
+            # Highest priority first, so the victims popped from the tail are the lowest priority and
+            # were not scheduled yet this step (their blocks published now were never computed).
+            self.running.sort(key=Request.sort_key)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            held_before[request.request_id] = len(self.kv_cache.block_ids(request.request_id))
+            while not self.kv_cache.allocate_slots(request, n):
+                victim = self._pick_victim()
+                self._preempt(victim)
+                preempted.add(victim.request_id)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted itself; running[i] is now the next request
+            num_scheduled[request.request_id] = n
+            budget -= n
+            i += 1
+
+        # A step that had to preempt admits nobody: the pool is already too tight.
+        while (not preempted and self.waiting and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting[0]
+            hits, num_hit = self.kv_cache.get_computed_blocks(request)
+            n = request.num_tokens - num_hit
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            if not self.kv_cache.allocate_slots(request, n, hits):
+                break
+            self.waiting.pop(0)
+            self.stats.num_prefix_queries += request.num_tokens
+            self.stats.num_prefix_hits += num_hit
+            request.num_computed_tokens = num_hit
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            num_scheduled[request.request_id] = n
+            budget -= n
+            new_reqs.append(NewRequestData(
+                request_id=request.request_id, token_ids=tuple(request.all_token_ids),
+                num_prompt_tokens=request.num_prompt_tokens, sampling_params=request.sampling_params,
+                block_ids=tuple(self.kv_cache.block_ids(request.request_id)),
+                num_computed_tokens=num_hit, eos_token_ids=request.eos_token_ids))
+
+        for rid in num_scheduled:
+            if rid in held_before:
+                ids = self.kv_cache.block_ids(rid)
+                cached_reqs.append(CachedRequestData(
+                    rid, tuple(ids[held_before[rid]:]), self.requests[rid].num_computed_tokens))
+        out = SchedulerOutput(
+            new_requests=tuple(new_reqs), cached_requests=tuple(cached_reqs),
+            num_scheduled_tokens=num_scheduled, finished_request_ids=frozenset(self._finished_ids),
+            preempted_request_ids=frozenset(preempted))
+        self._finished_ids.clear()
+        self.stats.num_steps += bool(num_scheduled)
+        self.stats.num_computed_tokens += out.total_num_scheduled_tokens
+        for rid, n in num_scheduled.items():
+            self.requests[rid].num_computed_tokens += n
+        return out
+
+    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs = []
+        for rid in sched.num_scheduled_tokens:
+            request = self.requests.get(rid)
+            token = result.sampled_token_ids.get(rid)
+            if request is None or token is None or request.status.finished:
+                continue  # a prefill chunk that did not reach the end samples nothing
+            request.append_output_token(token)
+            self._check_stop(request, token)
+            lp = result.logprobs.get(rid)
+            outputs.append(EngineCoreOutput(
+                request_id=rid, new_token_ids=(token,), new_logprobs=(lp,) if lp else (),
+                finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
+                num_cached_tokens=max(request.num_cached_tokens, 0)))
+            if request.status.finished:
+                self.running.remove(request)
+                self._free(request)
+        return outputs
+
+    # -- internals ------------------------------------------------------------------------------
+    def _check_stop(self, request: Request, token: int) -> None:
+        p = request.sampling_params
+        num_out = len(request.output_token_ids)
+        if num_out >= p.min_tokens:
+            if not p.ignore_eos and token in request.eos_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return
+            if token in p.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token
+                return
+        if (p.max_tokens is not None and num_out >= p.max_tokens) or \
+                request.num_tokens >= self.config.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+
+    def _pick_victim(self) -> Request:
+        # running is in schedule order (arrival, or priority after the sort in schedule()):
+        # the tail is the least important and has not been given blocks this step.
+        return self.running[-1]
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self._enqueue(request, front=True)
+
+    def _enqueue(self, request: Request, front: bool = False) -> None:
+        if self.config.policy == "priority":
+            self.waiting.append(request)
+            self.waiting.sort(key=Request.sort_key)
+        elif front:
+            self.waiting.insert(0, request)
+        else:
+            self.waiting.append(request)
+
+    def _free(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        self._finished_ids.add(request.request_id)
+        del self.requests[request.request_id]

@@ -1,0 +1,145 @@
+"""``LLMEngine``: one engine on one device, from an ``EngineConfig`` to streamed ``RequestOutput``s.
+
+It owns the tokenizer and the output processor (text, stop strings, ``n > 1``) around the ``EngineCore``
+(scheduler + model runner). The offline ``LLM`` and the worker's RPC service both drive it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Sequence
+
+import torch
+
+from .config import EngineConfig, resolve_dtype
+from .engine.core import EngineCore
+from .engine.kv_cache_manager import KVCacheManager
+from .engine.output_processor import OutputProcessor
+from .engine.outputs import RequestOutput
+from .engine.request import Request, RequestStatus
+from .engine.sampling_params import SamplingParams
+from .engine.scheduler import Scheduler, SchedulerConfig
+from .executor.model_runner import ModelRunner, allocate_kv_caches, kv_bytes_per_block
+from .models.loader import load_model, resolve_model
+from .models.ops import kernel_ops
+
+log = logging.getLogger(__name__)
+
+CPU_MAX_MODEL_LEN = 8192
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        device = config.torch_device
+        dtype = resolve_dtype(config.dtype, device)
+        source = resolve_model(config.model)
+        self.tokenizer = self._load_tokenizer(config, source)
+        self.model = load_model(source, dtype=dtype, device=device, ops=kernel_ops(config.kernel_set),
+                                load_format=config.load_format, seed=config.seed)
+        mcfg = self.model.config
+        self.model_config = mcfg
+        self.max_model_len = config.max_model_len or min(
+            mcfg.max_position_embeddings, CPU_MAX_MODEL_LEN if device.type == "cpu" else 1 << 30)
+        if self.max_model_len > mcfg.max_position_embeddings:
+            raise ValueError(f"max_model_len ({self.max_model_len}) must be <= the model's "
+                             f"max_position_embeddings ({mcfg.max_position_embeddings})")
+        num_blocks = config.num_kv_blocks or self._fit_num_blocks(device, dtype)
+        self.num_kv_blocks = num_blocks
+        self.eos_token_ids = frozenset(mcfg.eos_token_ids) | (
+            self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset())
+        default_budget = 2048 if device.type == "cpu" else 8192
+        budget = config.max_num_batched_tokens or (
+            default_budget if config.enable_chunked_prefill else max(default_budget, self.max_model_len))
+        sched_cfg = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
+            max_model_len=self.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
+            policy=config.scheduling_policy)
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        kv = allocate_kv_caches(self.model, num_blocks, config.block_size, dtype, device)
+        self.runner = ModelRunner(self.model, kv, config.block_size, device)
+        self.scheduler = Scheduler(sched_cfg, self.kv_cache)
+        self.core = EngineCore(self.scheduler, self.runner)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+                 config.model, device, dtype, num_blocks, config.block_size, self.max_model_len)
+
+    @staticmethod
+    def _load_tokenizer(config: EngineConfig, source):
+        path = config.tokenizer or source.tokenizer_path
+        if path is None:
+            return None  # a shape preset: token-id prompts only
+        from .tokenizer import Tokenizer
+
+        return Tokenizer.from_path(path)
+
+    def _fit_num_blocks(self, device: torch.device, dtype: torch.dtype) -> int:
+        per_block = kv_bytes_per_block(self.model, self.config.block_size, dtype)
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            # What the weights already took is gone from `free`; leave room for activations.
+            reserve = total * (1 - self.config.gpu_memory_utilization) + (1 << 30)
+            budget = free - reserve
+        else:
+            budget = self.config.kv_cache_memory_gb * (1 << 30)
+        blocks_for_max_len = -(-self.max_model_len // self.config.block_size)
+        num_blocks = int(budget // per_block)
+        if num_blocks < blocks_for_max_len:
+            raise ValueError(
+                f"KV cache of {num_blocks} blocks cannot hold one max_model_len ({self.max_model_len}) "
+                f"sequence: raise kv_cache_memory_gb / gpu_memory_utilization or lower max_model_len")
+        return num_blocks
+
+    # -- requests -------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            if self.tokenizer is None:
+                raise ValueError(f"model {self.config.model!r} has no tokenizer: pass token ids as the prompt")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        return None, ids
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        text, ids = self.encode_prompt(prompt)
+        self._validate(ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        for i, child_id in enumerate(self.outputs.add(request_id, text, ids, params)):
+            # Siblings must not draw the same random numbers: seed + index, like vLLM.
+            child_params = params if params.n == 1 else params.replace(
+                n=1, seed=None if params.seed is None else params.seed + i)
+            self.core.add_request(Request(child_id, ids, child_params, self.eos_token_ids, priority))
+        return request_id
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
+                             f"(the prompt plus at least one generated token must fit)")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        if params.logprobs is not None and params.logprobs > 20:
+            raise ValueError(f"logprobs must be <= 20, got {params.logprobs}")
+
+    def abort_request(self, request_id: str) -> None:
+        self.core.finish_requests(self.outputs.abort(request_id), RequestStatus.FINISHED_ABORTED)
+
+    @property
+    def stats(self):
+        return self.scheduler.stats
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        results, stopped = self.outputs.process(self.core.step())
+        for child_id, _ in stopped:
+            self.core.finish_requests([child_id], RequestStatus.FINISHED_STOPPED)
+        return results

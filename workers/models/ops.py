@@ -1,0 +1,64 @@
+"""The kernel set a model runs with, and the attention metadata it passes to them.
+
+A model never picks its kernels: the runner hands it a ``KernelOps`` (torch reference on CPU, Triton on
+GPU), which keeps model files free of device logic and lets tests swap implementations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from shoal.kernels import reference
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each token of a flattened mixed batch reads and writes the paged KV cache."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each new token (-1: padding)
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32: cumulative query lengths
+    seq_lens: torch.Tensor  # [num_seqs] int32: context length of each sequence after this step
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
+    max_query_len: int
+    max_seq_len: int
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    name: str
+    rms_norm: Callable
+    rotary_embedding: Callable
+    silu_and_mul: Callable
+    reshape_and_cache: Callable
+    paged_attention: Callable
+
+
+REFERENCE_OPS = KernelOps(
+    name="reference",
+    rms_norm=reference.rms_norm,
+    rotary_embedding=reference.rotary_embedding,
+    silu_and_mul=reference.silu_and_mul,
+    reshape_and_cache=reference.reshape_and_cache,
+    paged_attention=reference.paged_attention,
+)
+
+
+def kernel_ops(name: str) -> KernelOps:
+    """``"reference"`` (torch, any device) or ``"triton"`` (GPU kernels in ``shoal.kernels``)."""
+    if name == "reference":
+        return REFERENCE_OPS
+    if name == "triton":
+        from shoal.kernels import activation, kv_cache_ops, paged_attention, rmsnorm, rotary
+
+        return KernelOps(
+            name="triton",
+            rms_norm=rmsnorm.rms_norm,
+            rotary_embedding=rotary.rotary_embedding,
+            silu_and_mul=activation.silu_and_mul,
+            reshape_and_cache=kv_cache_ops.reshape_and_cache,
+            paged_attention=paged_attention.paged_attention,
+        )
+    raise ValueError(f"kernels must be 'reference' or 'triton', got {name!r}")
