@@ -48,3 +48,85 @@ def block_hashes(
         parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], keys)
         out.append(parent)
     return out
+
+
+# -- wire types between router and worker (the gRPC layer converts them to and from protobuf) --------
+
+from dataclasses import dataclass, field  # noqa: E402
+
+from shoal.workers.engine.sampling_params import SamplingParams  # noqa: E402  (torch-free)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """router -> worker: one completion (the router fans ``n > 1`` out into children)."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    priority: int = 0
+    kv_source: "KVHandle | None" = None  # disaggregated serving: where the prompt's KV blocks are
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """worker -> router: the tokens a request produced since the last delta."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | None = None  # the stop token id, when one ended it
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks held by requests, 0..1
+    num_free_blocks: int
+    num_total_blocks: int
+    num_prefix_queries: int = 0  # prompt tokens looked up in the prefix cache since start
+    num_prefix_hits: int = 0  # of those, tokens found cached
+
+
+@dataclass(frozen=True)
+class KVEventBatch:
+    """A worker's cached-block changes. ``kind == "snapshot"`` replaces the subscriber's whole view;
+    ``seq`` grows by one per batch, so a gap tells the subscriber to resubscribe."""
+
+    seq: int
+    kind: str  # "snapshot" | "stored" | "removed"
+    block_hashes: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    model: str
+    block_size: int
+    max_model_len: int
+    role: str = "unified"  # "unified" | "prefill" | "decode"
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True)
+class KVHandle:
+    """prefill -> decode: where a prompt's computed KV blocks live (disaggregated serving)."""
+
+    request_id: str
+    source_worker: str
+    block_ids: tuple[int, ...]
+    num_tokens: int
+    endpoint: str
+    extra: dict = field(default_factory=dict)

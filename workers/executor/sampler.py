@@ -1,0 +1,295 @@
+"""The sampler: one step's logits → one token per row, plus the logprobs a row asked for.
+
+Order of the logit transforms (vLLM v1 / OpenAI semantics):
+
+1. logprobs are taken from the *raw* logits (``log_softmax`` of the model output), before anything
+   below changes them, so they describe the model, not the sampling rules;
+2. penalties: repetition (CTRL: divide positive / multiply negative logits of tokens seen in the
+   prompt or the output), frequency (``count * penalty`` over the output), presence (``penalty``
+   once per token present in the output);
+3. ``min_tokens``: stop ids, and eos ids unless ``ignore_eos``, are set to ``-inf`` while the output
+   is shorter than ``min_tokens`` (``ignore_eos`` only means "do not stop at eos": it never masks);
+4. greedy rows (``temperature == 0``) take the argmax here and never consume randomness;
+5. temperature → min_p → top_k → top_p → a draw by the exponential race
+   ``argmax(probs / E)``, ``E ~ Exp(1)`` i.i.d. per token, which picks token ``i`` with
+   probability ``probs[i]``.
+
+A seeded row draws its noise from its own ``torch.Generator`` and every transform acts row-wise,
+so its token depends only on its seed, its logits and its own history, never on the rest of the
+batch or its position in it. Everything is vectorised over the batch except that per-seeded-row
+noise draw (one ``exponential_`` call per seeded row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from shoal.workers.engine.outputs import TokenLogprobs
+from shoal.workers.engine.sampling_params import SamplingParams
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """One request's view for this step.
+
+    ``generator`` is the request's own RNG (see :func:`make_generator`), set when ``params.seed`` is;
+    it must live on the logits' device. Token id sequences may be lists, numpy arrays or CPU tensors
+    (arrays are cheapest for long prompts). ``eos_token_ids`` are suppressed together with
+    ``params.stop_token_ids`` while ``len(output_token_ids) < params.min_tokens``, unless
+    ``params.ignore_eos``.
+    """
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: torch.Generator | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    logprobs: list[TokenLogprobs | None]  # None where params.logprobs is None
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A request's own RNG: same seed and same history of draws → same tokens."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit transforms. Each takes float32 logits [B, V] and one row per batch entry, and acts row-wise.
+# ---------------------------------------------------------------------------------------------
+
+
+def _row_token_index(
+    token_lists: Sequence[Sequence[int]], vocab: int, field: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened (row, token) pairs of a ragged list, as two CPU int64 tensors; ids checked in [0, vocab).
+
+    Each entry may be a list, a numpy array or a CPU tensor; arrays cost ~nothing here, lists of
+    Python ints ~45 ns a token (a model runner with long prompts should keep arrays per request).
+    """
+    parts = [np.asarray(t, dtype=np.int64) for t in token_lists]
+    lengths = np.fromiter((len(t) for t in parts), dtype=np.int64, count=len(parts))
+    flat = np.concatenate(parts)
+    if flat.size and (flat.min() < 0 or flat.max() >= vocab):
+        bad = int(flat.max()) if flat.max() >= vocab else int(flat.min())
+        raise ValueError(f"{field} must hold token ids in [0, {vocab}) (the logits' vocab), got {bad}")
+    rows = np.repeat(np.arange(len(token_lists), dtype=np.int64), lengths)
+    return torch.from_numpy(rows), torch.from_numpy(flat)
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Repetition, then frequency, then presence penalties; returns new float32 logits [B, V].
+
+    Only rows with a penalty set are touched; the others keep their logits bit for bit.
+    """
+    # logits: [B, V]
+    out = logits.to(torch.float32, copy=True)
+    vocab = out.shape[1]
+    picked = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
+    if not picked:
+        return out
+    device = out.device
+    sub_rows = [rows[i] for i in picked]
+    idx = torch.tensor(picked, device=device)
+    sub = out.index_select(0, idx)  # [P, V]
+    p = torch.tensor(
+        [[r.params.repetition_penalty, r.params.frequency_penalty, r.params.presence_penalty]
+         for r in sub_rows],
+        dtype=torch.float32,
+    ).to(device)
+    rep, freq, pres = p[:, 0:1], p[:, 1:2], p[:, 2:3]  # each [P, 1]
+
+    # counts[r, t] = occurrences of token t in row r's output; float adds of 1.0 are exact (< 2**24).
+    r_out, t_out = _row_token_index([r.output_token_ids for r in sub_rows], vocab, "output_token_ids")
+    counts = torch.zeros_like(sub)  # [P, V]
+    counts.view(-1).index_add_(0, (r_out * vocab + t_out).to(device), torch.ones(len(t_out), device=device))
+    in_output = counts > 0
+
+    if any(r.params.repetition_penalty != 1.0 for r in sub_rows):
+        r_pr, t_pr = _row_token_index([r.prompt_token_ids for r in sub_rows], vocab, "prompt_token_ids")
+        seen = in_output.clone()
+        seen.view(-1)[(r_pr * vocab + t_pr).to(device)] = True
+        penalised = torch.where(sub > 0, sub / rep, sub * rep)
+        sub = torch.where(seen, penalised, sub)
+    sub = sub - freq * counts - pres * in_output.to(sub.dtype)
+    out.index_copy_(0, idx, sub)
+    return out
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """In place: ``-inf`` on stop ids (and eos ids unless ignore_eos) of rows still under min_tokens.
+
+    Ids outside the logits' vocab cannot be sampled anyway and are skipped.
+    """
+    # logits: [B, V]
+    vocab = logits.shape[1]
+    row_ids: list[int] = []
+    tok_ids: list[int] = []
+    for i, r in enumerate(rows):
+        if len(r.output_token_ids) >= r.params.min_tokens:
+            continue
+        banned = set(r.params.stop_token_ids)
+        if not r.params.ignore_eos:
+            banned |= r.eos_token_ids
+        banned = [t for t in banned if 0 <= t < vocab]
+        row_ids += [i] * len(banned)
+        tok_ids += banned
+    if row_ids:
+        dev = logits.device
+        logits[torch.tensor(row_ids, device=dev), torch.tensor(tok_ids, device=dev)] = _NEG_INF
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
+    """In place: drop tokens whose prob < ``min_p * max prob`` (min_p = 0 drops nothing)."""
+    # logits: [B, V], min_p: B values in [0, 1]
+    probs = logits.softmax(dim=-1)
+    scale = torch.tensor(min_p, dtype=torch.float32).to(logits.device).unsqueeze(1)  # [B, 1]
+    return logits.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * scale, _NEG_INF)
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: Sequence[int] | None, top_p: Sequence[float] | None
+) -> torch.Tensor:
+    """In place: top_k (keep logits >= the k-th largest), then top_p on the renormalised rest.
+
+    ``top_k`` <= 0 or >= V is off for that row; so is ``top_p`` = 1, and a None list turns the
+    filter off for the whole batch. top_p keeps the smallest most-likely-first prefix whose mass
+    reaches ``top_p``: a token stays iff the mass strictly before it is < top_p, so the most likely
+    token always stays. Rows with top_p = 1 use an infinite threshold, so float rounding in the
+    cumsum never trims their tail.
+    """
+    # logits: [B, V]; top_k, top_p: B values each, or None
+    vocab = logits.shape[1]
+    dev = logits.device
+    ks = [k if 0 < k < vocab else vocab for k in top_k] if top_k is not None else None
+    if ks is not None and min(ks) == vocab:
+        ks = None
+    if top_p is not None and min(top_p) >= 1:
+        top_p = None
+    if top_p is None:
+        if ks is None:
+            return logits
+        # No sort needed: the k-th largest of each active row from one topk over the largest k.
+        max_k = max(k for k in ks if k < vocab)
+        k_idx = torch.tensor([min(k, max_k) - 1 for k in ks]).to(dev).unsqueeze(1)  # [B, 1]
+        kth = logits.topk(max_k, dim=-1).values.gather(1, k_idx)  # [B, 1]
+        off = torch.tensor([k == vocab for k in ks]).to(dev).unsqueeze(1)
+        return logits.masked_fill_((logits < kth) & ~off, _NEG_INF)
+
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V] each
+    if ks is not None:
+        kth = sorted_logits.gather(1, torch.tensor(ks).to(dev).unsqueeze(1) - 1)  # [B, 1]
+        sorted_logits.masked_fill_(sorted_logits < kth, _NEG_INF)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    threshold = torch.tensor([p if p < 1 else float("inf") for p in top_p], dtype=torch.float32)
+    remove = mass_before >= threshold.to(dev).unsqueeze(1)
+    remove[:, 0] = False
+    sorted_logits.masked_fill_(remove, _NEG_INF)
+    return logits.scatter_(1, order, sorted_logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler.
+# ---------------------------------------------------------------------------------------------
+
+
+class Sampler:
+    """Samples one token per row; see the module docstring for the order of transforms.
+
+    ``generator`` is the shared RNG of unseeded rows (on the logits' device); None uses torch's
+    default generator for that device. Tests inject one to make unseeded draws repeatable.
+    """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        # logits: [B, V] (any float dtype); the caller's tensor is never modified.
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}")
+        if not rows:
+            return SamplerOutput([], [])
+        x = apply_penalties(logits, rows)  # float32 copy
+        apply_min_tokens(x, rows)
+        greedy = [r.params.greedy for r in rows]
+        token_ids = x.argmax(dim=-1) if any(greedy) else None  # [B]
+        if not all(greedy):
+            sampled = self._sample(x, rows, greedy)
+            if token_ids is None:
+                token_ids = sampled
+            else:
+                token_ids = torch.where(torch.tensor(greedy, device=x.device), token_ids, sampled)
+        ids = token_ids.tolist()
+        return SamplerOutput(ids, _logprobs(logits, rows, token_ids))
+
+    def _sample(self, x: torch.Tensor, rows: Sequence[SamplingRow], greedy: list[bool]) -> torch.Tensor:
+        """Random rows' tokens (greedy rows get a meaningless value); ``x`` is consumed."""
+        # x: [B, V] float32 after penalties and min_tokens
+        dev = x.device
+        ps = [r.params for r in rows]
+        # Greedy rows get neutral values so the batch stays one tensor; their result is discarded.
+        temp = torch.tensor([1.0 if g else p.temperature for p, g in zip(ps, greedy)], dtype=torch.float32)
+        x.div_(temp.to(dev).unsqueeze(1))
+        if any(p.min_p > 0 for p in ps):
+            apply_min_p(x, [p.min_p for p in ps])
+        apply_top_k_top_p(x, [p.top_k for p in ps], [p.top_p for p in ps])
+        probs = x.softmax(dim=-1)
+        return probs.div_(self._noise(probs, rows, greedy)).argmax(dim=-1)
+
+    def _noise(self, probs: torch.Tensor, rows: Sequence[SamplingRow], greedy: list[bool]) -> torch.Tensor:
+        """Exp(1) noise [B, V]: seeded rows from their own generator, other random rows from the shared."""
+        q = torch.empty_like(probs)
+        shared = [i for i, (r, g) in enumerate(zip(rows, greedy)) if not g and r.generator is None]
+        if len(shared) == len(rows):
+            q.exponential_(generator=self.generator)
+        else:
+            q.fill_(1.0)  # greedy rows: no draw, a harmless constant
+            if shared:
+                draw = torch.empty((len(shared), q.shape[1]), device=q.device)
+                draw.exponential_(generator=self.generator)
+                q.index_copy_(0, torch.tensor(shared, device=q.device), draw)
+            for i, (r, g) in enumerate(zip(rows, greedy)):
+                if not g and r.generator is not None:
+                    q[i].exponential_(generator=r.generator)
+        # A draw of exactly 0 would turn a masked token's 0/0 into NaN, which argmax picks.
+        return q.clamp_min_(torch.finfo(q.dtype).tiny)
+
+
+def _logprobs(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], token_ids: torch.Tensor
+) -> list[TokenLogprobs | None]:
+    """Raw logprobs (log_softmax of the unmodified logits) of the sampled token, its rank and the top-n."""
+    # logits: [B, V] raw model output, token_ids: [B]
+    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    out: list[TokenLogprobs | None] = [None] * len(rows)
+    if not want:
+        return out
+    idx = torch.tensor(want, device=logits.device)
+    lp = logits.index_select(0, idx).to(torch.float32).log_softmax(dim=-1)  # [W, V]
+    tok = token_ids.index_select(0, idx).unsqueeze(1)  # [W, 1]
+    tok_lp = lp.gather(1, tok)  # [W, 1]
+    rank = (lp >= tok_lp).sum(dim=-1)  # [W]; ties count against the token, as in vLLM
+    n_max = min(max(rows[i].params.logprobs for i in want), lp.shape[1])
+    top_lp, top_ids = lp.topk(n_max, dim=-1) if n_max else (lp[:, :0], tok[:, :0])  # [W, n_max]
+    tok_l, tok_lp_l, rank_l = tok.squeeze(1).tolist(), tok_lp.squeeze(1).tolist(), rank.tolist()
+    top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
+    for j, i in enumerate(want):
+        n = rows[i].params.logprobs
+        top = tuple(zip(top_ids_l[j][:n], top_lp_l[j][:n]))
+        out[i] = TokenLogprobs(tok_l[j], tok_lp_l[j], rank_l[j], top)
+    return out
