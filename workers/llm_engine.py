@@ -56,7 +56,8 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
             max_model_len=self.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
             policy=config.scheduling_policy)
-        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                       record_events=config.kv_events)
         kv = allocate_kv_caches(self.model, num_blocks, config.block_size, dtype, device)
         self.runner = ModelRunner(self.model, kv, config.block_size, device)
         self.scheduler = Scheduler(sched_cfg, self.kv_cache)
@@ -106,7 +107,7 @@ class LLMEngine:
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams,
                     request_id: str | None = None, priority: int = 0) -> str:
         text, ids = self.encode_prompt(prompt)
-        self._validate(ids, params)
+        self.validate(ids, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         for i, child_id in enumerate(self.outputs.add(request_id, text, ids, params)):
             # Siblings must not draw the same random numbers: seed + index, like vLLM.
@@ -115,7 +116,8 @@ class LLMEngine:
             self.core.add_request(Request(child_id, ids, child_params, self.eos_token_ids, priority))
         return request_id
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+    def validate(self, ids: Sequence[int], params: SamplingParams) -> None:
+        """Refuse what the engine cannot run, naming the field and the limit (reads config only)."""
         if not ids:
             raise ValueError("prompt must not be empty")
         if len(ids) >= self.max_model_len:
