@@ -49,6 +49,9 @@ def paged_attention(
     seq_lens: torch.Tensor,  # [num_seqs] int32: context length including this step's tokens
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32: cumulative query lengths
     scale: float,
+    *,
+    max_query_len: int | None = None,  # hints for kernels that size launches by them; unused here
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], q's dtype
     """Causal attention of a mixed prefill/decode batch over the paged KV cache (GQA aware).
 

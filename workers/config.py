@@ -40,6 +40,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # default: max(8192, max_model_len) / 2048 on CPU
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "fcfs"
+    cuda_graphs: bool = True  # capture decode steps as CUDA graphs (GPU only)
     kv_events: bool = False  # record cached-block changes for subscribers (the router's prefix index)
 
     def __post_init__(self) -> None:

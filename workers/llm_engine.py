@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -20,7 +21,7 @@ from .engine.outputs import RequestOutput
 from .engine.request import Request, RequestStatus
 from .engine.sampling_params import SamplingParams
 from .engine.scheduler import Scheduler, SchedulerConfig
-from .executor.model_runner import ModelRunner, allocate_kv_caches, kv_bytes_per_block
+from .executor.model_runner import ModelRunner, RunnerConfig, allocate_kv_caches, kv_bytes_per_block
 from .models.loader import load_model, resolve_model
 from .models.ops import kernel_ops
 
@@ -45,13 +46,16 @@ class LLMEngine:
         if self.max_model_len > mcfg.max_position_embeddings:
             raise ValueError(f"max_model_len ({self.max_model_len}) must be <= the model's "
                              f"max_position_embeddings ({mcfg.max_position_embeddings})")
-        num_blocks = config.num_kv_blocks or self._fit_num_blocks(device, dtype)
-        self.num_kv_blocks = num_blocks
-        self.eos_token_ids = frozenset(mcfg.eos_token_ids) | (
-            self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset())
         default_budget = 2048 if device.type == "cpu" else 8192
         budget = config.max_num_batched_tokens or (
             default_budget if config.enable_chunked_prefill else max(default_budget, self.max_model_len))
+        runner_cfg = RunnerConfig(block_size=config.block_size, max_model_len=self.max_model_len,
+                                  max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
+                                  cuda_graphs=config.cuda_graphs)
+        num_blocks = config.num_kv_blocks or self._fit_num_blocks(device, dtype, runner_cfg)
+        self.num_kv_blocks = num_blocks
+        self.eos_token_ids = frozenset(mcfg.eos_token_ids) | (
+            self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset())
         sched_cfg = SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
             max_model_len=self.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
@@ -59,7 +63,7 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                        record_events=config.kv_events)
         kv = allocate_kv_caches(self.model, num_blocks, config.block_size, dtype, device)
-        self.runner = ModelRunner(self.model, kv, config.block_size, device)
+        self.runner = ModelRunner(self.model, kv, runner_cfg, device)
         self.scheduler = Scheduler(sched_cfg, self.kv_cache)
         self.core = EngineCore(self.scheduler, self.runner)
         self.outputs = OutputProcessor(self.tokenizer)
@@ -76,13 +80,19 @@ class LLMEngine:
 
         return Tokenizer.from_path(path)
 
-    def _fit_num_blocks(self, device: torch.device, dtype: torch.dtype) -> int:
+    def _fit_num_blocks(self, device: torch.device, dtype: torch.dtype, runner_cfg: RunnerConfig) -> int:
         per_block = kv_bytes_per_block(self.model, self.config.block_size, dtype)
         if device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(device)
-            # What the weights already took is gone from `free`; leave room for activations.
-            reserve = total * (1 - self.config.gpu_memory_utilization) + (1 << 30)
-            budget = free - reserve
+            # One largest eager step over a one-block cache measures weights + activations + sampler.
+            probe = ModelRunner(self.model, allocate_kv_caches(self.model, 1, self.config.block_size, dtype,
+                                                               device), replace(runner_cfg, cuda_graphs=False),
+                                device)
+            peak = probe.profile_peak_memory()
+            del probe
+            torch.cuda.empty_cache()
+            _, total = torch.cuda.mem_get_info(device)
+            graphs_reserve = 512 << 20  # CUDA graph pools and allocator slack
+            budget = total * self.config.gpu_memory_utilization - peak - graphs_reserve
         else:
             budget = self.config.kv_cache_memory_gb * (1 << 30)
         blocks_for_max_len = -(-self.max_model_len // self.config.block_size)

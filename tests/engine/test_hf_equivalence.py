@@ -3,39 +3,12 @@ prefix caching on or off, chunked prefill under a small budget, preemption under
 
 from __future__ import annotations
 
-import random
-
 import pytest
-import torch
+from tiny_models import hf_greedy, make_prompts
 
 from shoal.workers import LLM, SamplingParams
 
-PROMPT_LENS = [1, 3, 17, 32, 33, 64, 150, 300]
 MAX_TOKENS = 12
-
-
-def make_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    shared = [rng.randrange(3, vocab) for _ in range(40)]
-    prompts = []
-    for i, n in enumerate(PROMPT_LENS):
-        if n > 60 and i % 2:  # some prompts share a prefix, so the prefix cache has hits
-            prompts.append(shared + [rng.randrange(3, vocab) for _ in range(n - len(shared))])
-        else:
-            prompts.append([rng.randrange(3, vocab) for _ in range(n)])
-    return prompts
-
-
-def hf_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    outs = []
-    model.generation_config.eos_token_id = None  # like ignore_eos: never stop early, never mask eos
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                 do_sample=False, pad_token_id=0)
-            outs.append(gen[0, len(p):].tolist())
-    return outs
 
 
 ENGINE_VARIANTS = {

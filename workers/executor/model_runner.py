@@ -2,20 +2,23 @@
 request that reached the end of its known tokens.
 
 It keeps its own copy of each request's tokens and block ids, updated from the scheduler's diffs and
-its own samples, so nothing live crosses from the scheduler.
+its own samples, so nothing live crosses from the scheduler. Inputs go through persistent buffers;
+on CUDA, decode-only steps replay captured graphs. The only host sync per step is reading the
+sampled ids back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from shoal.workers.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from shoal.workers.engine.sampling_params import SamplingParams
 from shoal.workers.models.llama import KVCache, LlamaForCausalLM
-from shoal.workers.models.ops import AttentionMetadata
 
+from .cuda_graphs import DecodeGraphs, default_capture_sizes
+from .input_buffers import InputBuffers, StepInputs
 from .sampler import Sampler, SamplingRow, make_generator
 
 
@@ -35,59 +38,72 @@ class CachedRequestState:
         return self.token_ids[self.num_prompt_tokens:]
 
 
-@dataclass
-class BatchInputs:
-    input_ids: torch.Tensor  # [num_tokens]
-    positions: torch.Tensor  # [num_tokens]
-    meta: AttentionMetadata
-    logits_indices: torch.Tensor  # [num_sampling] rows of the hidden states that sample
-    sampling_ids: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class RunnerConfig:
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    cuda_graphs: bool = True  # on CUDA only; decode batches up to 256 sequences
 
 
 def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int,
                        dtype: torch.dtype, device: torch.device) -> list[KVCache]:
     cfg = model.config
-    shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+    # The head count of the weights (not the config) so a tensor-parallel shard sizes its own cache.
+    num_kv_heads = model.model.layers[0].self_attn.k_proj.out_features // cfg.head_dim
+    shape = (num_blocks, block_size, num_kv_heads, cfg.head_dim)
     return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_hidden_layers)]
 
 
 def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
     cfg = model.config
+    num_kv_heads = model.model.layers[0].self_attn.k_proj.out_features // cfg.head_dim
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+    return 2 * cfg.num_hidden_layers * block_size * num_kv_heads * cfg.head_dim * elem
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_caches: list[KVCache], block_size: int,
+    def __init__(self, model: LlamaForCausalLM, kv_caches: list[KVCache], config: RunnerConfig,
                  device: torch.device, sampler: Sampler | None = None):
         self.model = model
         self.kv_caches = kv_caches
-        self.block_size = block_size
+        self.config = config
+        self.block_size = config.block_size
         self.device = device
         self.sampler = sampler or Sampler()
         self.requests: dict[str, CachedRequestState] = {}
         # Kept across preemption so a seeded request draws the same numbers whether or not it was evicted.
         self._generators: dict[str, torch.Generator] = {}
+        max_seqs = max(config.max_num_seqs, 1)
+        self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_seqs), max_seqs,
+                                    -(-config.max_model_len // config.block_size), device)
+        self.graphs: DecodeGraphs | None = None
+        if config.cuda_graphs and device.type == "cuda":
+            self.graphs = DecodeGraphs(model, kv_caches, self.buffers, config.block_size,
+                                       config.max_model_len, default_capture_sizes(max_seqs))
+            self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(sched)
         if sched.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
-        batch = self._prepare_inputs(sched)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [num_sampling, vocab]
-        rows = [self._sampling_row(self.requests[rid]) for rid in batch.sampling_ids]
+        inputs, sampling_ids, graph_bs = self._prepare_inputs(sched)
+        if graph_bs is not None:
+            hidden = self.graphs.replay(graph_bs)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab]
+        rows = [self._sampling_row(self.requests[rid]) for rid in sampling_ids]
         out = self.sampler(logits, rows)
-        sampled: dict[str, int] = {}
         logprobs = {}
-        for i, rid in enumerate(batch.sampling_ids):
+        for i, rid in enumerate(sampling_ids):
             self.requests[rid].token_ids.append(out.token_ids[i])
-            sampled[rid] = out.token_ids[i]
             if out.logprobs[i] is not None:
                 logprobs[rid] = out.logprobs[i]
-        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+        return ModelRunnerOutput(dict(zip(sampling_ids, out.token_ids)), logprobs)
 
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_request_ids:
@@ -109,48 +125,52 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    def _prepare_inputs(self, sched: SchedulerOutput) -> BatchInputs:
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
+    def _prepare_inputs(self, sched: SchedulerOutput) -> tuple[StepInputs, list[str], int | None]:
+        rows = []
         logits_indices: list[int] = []
         sampling_ids: list[str] = []
+        t = 0
         for rid, n in sched.num_scheduled_tokens.items():
             state = self.requests[rid]
             start = state.num_computed_tokens
             end = start + n
-            input_ids += state.token_ids[start:end]
-            for pos in range(start, end):
-                positions.append(pos)
-                slots.append(state.block_ids[pos // bs] * bs + pos % bs)
-            query_start.append(query_start[-1] + n)
-            seq_lens.append(end)
-            tables.append(state.block_ids)
+            rows.append((state.token_ids[start:end], start, n, state.block_ids))
+            t += n
             state.num_computed_tokens = end
             if end == len(state.token_ids):  # caught up: this step yields its next token
-                logits_indices.append(query_start[-1] - 1)
+                logits_indices.append(t - 1)
                 sampling_ids.append(rid)
-        width = max(len(t) for t in tables)
-        table = torch.zeros((len(tables), width), dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=table.to(dev),
-            max_query_len=max(b - a for a, b in zip(query_start, query_start[1:])),
-            max_seq_len=max(seq_lens))
-        return BatchInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            meta=meta, logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=dev),
-            sampling_ids=sampling_ids)
+        decode_only = t == len(rows)
+        graph_bs = self.graphs.size_for(len(rows)) if self.graphs is not None and decode_only else None
+        num_tokens, num_seqs, max_q, max_s = self.buffers.fill(rows, self.block_size, pad_to=graph_bs)
+        width = self.buffers.max_blocks_per_seq if graph_bs else max(len(r[3]) for r in rows)
+        inputs = self.buffers.upload(num_tokens, num_seqs, logits_indices, max_q, max_s, width)
+        return inputs, sampling_ids, graph_bs
+
+    @torch.inference_mode()
+    def profile_peak_memory(self) -> int:
+        """Peak bytes of one largest eager step (weights included), for sizing the KV cache on CUDA.
+
+        Runs ``max_num_batched_tokens`` dummy tokens in sequences of at most ``max_model_len`` that
+        write nothing to the cache (slot -1) and attend to block 0.
+        """
+        cfg = self.config
+        left = self.buffers.max_num_tokens
+        rows = []
+        while left > 0 and len(rows) < self.buffers.max_num_seqs:
+            n = min(left, cfg.max_model_len - 1)
+            rows.append(([0] * n, 0, n, [0] * -(-n // cfg.block_size)))
+            left -= n
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens, num_seqs, max_q, max_s = self.buffers.fill(rows, cfg.block_size)
+        self.buffers.h_slots[:num_tokens] = -1
+        inputs = self.buffers.upload(num_tokens, num_seqs, [num_tokens - 1], max_q, max_s,
+                                     max(len(r[3]) for r in rows))
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        logits = self.model.compute_logits(hidden[:1].expand(cfg.max_num_seqs, -1))
+        self.sampler(logits, [SamplingRow(SamplingParams(top_p=0.9), [0], [])] * cfg.max_num_seqs)
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
 
     @staticmethod
     def _sampling_row(state: CachedRequestState) -> SamplingRow:

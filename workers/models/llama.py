@@ -65,7 +65,8 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         self.ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         o = self.ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                     meta.query_start_loc, self.scale)
+                                     meta.query_start_loc, self.scale, max_query_len=meta.max_query_len,
+                                     max_seq_len=meta.max_seq_len)
         return self.o_proj(o.reshape(n, -1))
 
 

@@ -1,0 +1,95 @@
+"""``shoal bench latency``: batch-1 decode step time against the memory roofline.
+
+A decode step must read every weight once (the embedding only one row) and the KV cache of its
+context: (weight bytes + KV bytes) / measured bandwidth is the fastest it can be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+from .report import environment, format_table, write_json
+
+
+def decode_step_times(llm, prompt_len: int, decode_steps: int, seed: int = 0) -> list[float]:
+    """Seconds of each decode step (the prefill step excluded) for one greedy request."""
+    import torch
+
+    from shoal.workers import SamplingParams
+
+    rng = random.Random(seed)
+    vocab = llm.engine.model_config.vocab_size
+    engine = llm.engine
+    engine.add_request([rng.randrange(vocab) for _ in range(prompt_len)],
+                       SamplingParams(temperature=0, max_tokens=decode_steps + 1, ignore_eos=True))
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = []
+    first = True
+    while engine.has_unfinished_requests():
+        sync()
+        start = time.perf_counter()
+        engine.step()  # returns after the sampled id reached the host: a full step
+        elapsed = time.perf_counter() - start
+        if not first:
+            times.append(elapsed)
+        first = False
+    return times
+
+
+def roofline_bytes(model, context: int, dtype_bytes: int) -> tuple[int, int]:
+    """(weight bytes a decode step reads, KV bytes it reads at ``context`` tokens)."""
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters())
+    if not cfg.tie_word_embeddings:
+        params -= model.model.embed_tokens.weight.numel()  # only one row of the embedding is read
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context
+    return params * dtype_bytes, kv * dtype_bytes
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from shoal.cluster.cli import add_engine_args
+
+    p.add_argument("--prompt-lens", default="128,1024,4096", help="comma-separated contexts")
+    p.add_argument("--decode-steps", type=int, default=128)
+    p.add_argument("--result-file", default=None)
+    add_engine_args(p)
+    p.set_defaults(model="llama-3.1-8b", load_format="dummy", max_num_seqs=8)
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    import torch
+
+    from shoal.cluster.cli import engine_kwargs
+    from shoal.workers import LLM
+
+    from . import ceilings
+
+    payload = {"benchmark": "latency", "model": args.model, "env": environment()}
+    bandwidth = None
+    if torch.cuda.is_available():
+        payload["ceilings"] = ceilings.measure()
+        bandwidth = payload["ceilings"]["copy_bandwidth_GBps"] * 1e9
+    llm = LLM(args.model, **engine_kwargs(args))
+    dtype_bytes = next(llm.engine.model.parameters()).element_size()
+    decode_step_times(llm, 32, 8)  # warm up
+    rows = []
+    for prompt_len in (int(x) for x in args.prompt_lens.split(",")):
+        times = decode_step_times(llm, prompt_len, args.decode_steps)
+        step = statistics.median(times)
+        w, kv = roofline_bytes(llm.engine.model, prompt_len + args.decode_steps // 2, dtype_bytes)
+        row = {"context": prompt_len, "decode_steps": len(times), "median_step_ms": step * 1e3,
+               "p90_step_ms": sorted(times)[int(0.9 * (len(times) - 1))] * 1e3,
+               "tok_per_s": 1 / step, "weight_GB": w / 1e9, "kv_GB": kv / 1e9}
+        if bandwidth:
+            row["roofline_ms"] = (w + kv) / bandwidth * 1e3
+            row["pct_of_roofline"] = 100 * row["roofline_ms"] / row["median_step_ms"]
+        rows.append(row)
+    payload["results"] = rows
+    print(format_table(rows, title=f"batch-1 decode latency, {args.model}"))
+    for k, v in payload.get("ceilings", {}).items():
+        print(f"{k}: {v:,.1f}")
+    write_json(args.result_file, payload)
+    return payload

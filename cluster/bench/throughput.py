@@ -1,0 +1,154 @@
+"""``shoal bench throughput``: offline generation throughput, shoal beside HF transformers.
+
+Workload (a): uniform input and output lengths in [100, 1024], ignore_eos. Workload (b): a
+ShareGPT-like length mix (log-normal, mean about 215 in / 200 out) from a fixed seed. Both use random
+token ids, so dummy weights of a preset shape are enough. HF ``generate_batch`` runs on the same
+weights on a stated subset (same prompts, one fixed output length for both engines), and the ratio is
+printed beside the device ceilings measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import random
+import time
+
+from .report import environment, format_table, write_json
+
+
+def workload_a(num_prompts: int, vocab: int, seed: int, lo: int = 100, hi: int = 1024):
+    rng = random.Random(seed)
+    return [([rng.randrange(vocab) for _ in range(rng.randint(lo, hi))], rng.randint(lo, hi))
+            for _ in range(num_prompts)]
+
+
+def workload_b(num_prompts: int, vocab: int, seed: int, mean_in: float = 215, mean_out: float = 200,
+               sigma: float = 0.9, cap: int = 2048):
+    """Log-normal lengths (ShareGPT's shape: many short turns, a long tail), clipped to [4, cap]."""
+    rng = random.Random(seed)
+
+    def length(mean: float) -> int:
+        mu = math.log(mean) - sigma**2 / 2  # so the unclipped mean is `mean`
+        return max(4, min(cap, int(rng.lognormvariate(mu, sigma))))
+
+    return [([rng.randrange(vocab) for _ in range(length(mean_in))], length(mean_out))
+            for _ in range(num_prompts)]
+
+
+def run_shoal(llm, workload, temperature: float = 1.0) -> dict:
+    from shoal.workers import SamplingParams
+
+    prompts = [p for p, _ in workload]
+    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True) for _, n in workload]
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    in_tokens = sum(len(p) for p in prompts)
+    return {"engine": "shoal", "requests": len(prompts), "input_tokens": in_tokens,
+            "output_tokens": out_tokens, "seconds": elapsed, "output_tok_per_s": out_tokens / elapsed,
+            "total_tok_per_s": (in_tokens + out_tokens) / elapsed, "req_per_s": len(prompts) / elapsed}
+
+
+def hf_model(hf_cfg: dict, state: dict, dtype, device: str):
+    """An HF transformers model of ``hf_cfg`` holding ``state`` (shoal's weights, HF names)."""
+    import torch
+    import transformers
+
+    arch = hf_cfg["architectures"][0]
+    model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}[arch]
+    cfg = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in hf_cfg.items()
+                                                           if k != "architectures"})
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = getattr(transformers, arch)(cfg).to(dtype)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def run_hf(model, workload, max_new_tokens: int) -> dict:
+    import transformers
+
+    prompts = [p for p, _ in workload]
+    gen = transformers.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
+                                        top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)
+    start = time.perf_counter()
+    outs = model.generate_batch(inputs=prompts, generation_config=gen)
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(len(o.generated_tokens) for o in outs.values())
+    in_tokens = sum(len(p) for p in prompts)
+    return {"engine": "hf generate_batch", "requests": len(prompts), "input_tokens": in_tokens,
+            "output_tokens": out_tokens, "seconds": elapsed, "output_tok_per_s": out_tokens / elapsed,
+            "total_tok_per_s": (in_tokens + out_tokens) / elapsed, "req_per_s": len(prompts) / elapsed}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from shoal.cluster.cli import add_engine_args
+
+    p.add_argument("--workload", choices=["a", "b"], default="a")
+    p.add_argument("--num-prompts", type=int, default=None, help="default: 256 for (a), 1000 for (b)")
+    p.add_argument("--hf-subset", type=int, default=64, help="prompts HF runs (0: skip HF)")
+    p.add_argument("--hf-output-len", type=int, default=128, help="fixed output length of the HF comparison")
+    p.add_argument("--no-ceilings", action="store_true", help="skip measuring bandwidth / matmul peak")
+    p.add_argument("--result-file", default=None, help="write the results as JSON here")
+    add_engine_args(p)
+    p.set_defaults(model="qwen2.5-0.5b", load_format="dummy")
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    import torch
+
+    from shoal.cluster.cli import engine_kwargs
+    from shoal.workers import LLM
+    from shoal.workers.models.loader import resolve_model
+
+    from . import ceilings
+
+    n = args.num_prompts or (256 if args.workload == "a" else 1000)
+    payload = {"benchmark": "throughput", "workload": args.workload, "model": args.model,
+               "env": environment()}
+    if torch.cuda.is_available() and not args.no_ceilings:
+        payload["ceilings"] = ceilings.measure()
+    llm = LLM(args.model, **engine_kwargs(args))
+    vocab = llm.engine.model_config.vocab_size
+    make = workload_a if args.workload == "a" else workload_b
+    work = make(n, vocab, args.seed)
+    payload["mean_input_len"] = sum(len(p) for p, _ in work) / n
+    payload["mean_output_len"] = sum(o for _, o in work) / n
+    run_shoal(llm, work[: min(16, n)])  # warm up: kernels compiled, graphs and allocator settled
+    rows = [{"run": f"full ({n} prompts)", **run_shoal(llm, work)}]
+    if args.hf_subset > 0:
+        subset = [(p, args.hf_output_len) for p, _ in work[: args.hf_subset]]
+        rows.append({"run": f"subset ({len(subset)} x {args.hf_output_len} out)", **run_shoal(llm, subset)})
+        # Free the engine (and its KV cache) before HF loads the same weights.
+        state = {k: v.cpu() for k, v in llm.engine.model.state_dict().items()}
+        dtype = next(llm.engine.model.parameters()).dtype
+        device = str(llm.engine.config.torch_device)
+        hf_cfg = dict(resolve_model(args.model).hf_config)
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        try:
+            hf = hf_model(hf_cfg, state, dtype, device)
+            run_hf(hf, subset[:4], 8)  # warm up
+            rows.append({"run": f"subset ({len(subset)} x {args.hf_output_len} out)",
+                         **run_hf(hf, subset, args.hf_output_len)})
+            payload["speedup_vs_hf"] = rows[1]["output_tok_per_s"] / rows[2]["output_tok_per_s"]
+        except Exception as e:  # report, don't lose the shoal numbers
+            payload["hf_error"] = f"{type(e).__name__}: {e}"
+    payload["results"] = rows
+    cols = ["run", "engine", "requests", "input_tokens", "output_tokens", "seconds",
+            "output_tok_per_s", "req_per_s"]
+    print(format_table(rows, cols, title=f"throughput, workload ({args.workload}), {args.model}"))
+    for k, v in payload.get("ceilings", {}).items():
+        print(f"{k}: {v:,.1f}")
+    if "speedup_vs_hf" in payload:
+        print(f"shoal / HF generate_batch (same subset, same weights): {payload['speedup_vs_hf']:.1f}x")
+    if "hf_error" in payload:
+        print(f"HF run failed: {payload['hf_error']}")
+    write_json(args.result_file, payload)
+    return payload

@@ -1,0 +1,59 @@
+"""CUDA graphs for decode-only steps: one graph per batch size, replayed over the persistent buffers.
+
+A decode step of a small model is mostly kernel-launch overhead; a graph replays the whole forward
+with one launch. Batches are padded up to the nearest captured size with rows that write nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from shoal.workers.models.llama import KVCache, LlamaForCausalLM
+
+from .input_buffers import InputBuffers
+
+
+def default_capture_sizes(max_num_seqs: int, limit: int = 256) -> list[int]:
+    sizes = [1, 2, 4] + list(range(8, 257, 8))
+    return [s for s in sizes if s <= min(max_num_seqs, limit)]
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaForCausalLM, kv_caches: list[KVCache], buffers: InputBuffers,
+                 block_size: int, max_model_len: int, sizes: list[int]):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.buffers = buffers
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.sizes = sorted(sizes)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # batch size -> captured hidden states [bs, hidden]
+
+    def size_for(self, num_seqs: int) -> int | None:
+        i = bisect.bisect_left(self.sizes, num_seqs)
+        return self.sizes[i] if i < len(self.sizes) and self.sizes[i] in self.graphs else None
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        width = self.buffers.max_blocks_per_seq
+        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            n, seqs, _, _ = self.buffers.fill([], self.block_size, pad_to=bs)
+            inputs = self.buffers.upload(n, seqs, [], 1, self.max_model_len, width)
+            for _ in range(2):  # warm up: compile kernels, settle the allocator
+                self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+            self.outputs[bs] = out
+        torch.cuda.synchronize()
+
+    def replay(self, bs: int) -> torch.Tensor:
+        self.graphs[bs].replay()
+        return self.outputs[bs]

@@ -1,0 +1,113 @@
+"""Persistent input buffers: a step's flattened batch is built in numpy on the host, copied once into
+fixed device tensors, and the model reads views of them (the same memory CUDA graphs captured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shoal.workers.models.ops import AttentionMetadata
+
+
+@dataclass
+class StepInputs:
+    """One step's batch as device views of the persistent buffers."""
+
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampling]
+    num_tokens: int
+    num_seqs: int
+    is_decode_only: bool
+
+
+class InputBuffers:
+    def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
+                 device: torch.device):
+        self.device = device
+        self.max_num_tokens = max_num_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_blocks_per_seq = max_blocks_per_seq
+        pin = device.type == "cuda"
+
+        def host(*shape, dtype):
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+
+        # host staging (pinned on GPU machines so the copies are asynchronous)
+        self.h_input_ids = host(max_num_tokens, dtype=torch.int64)
+        self.h_positions = host(max_num_tokens, dtype=torch.int64)
+        self.h_slots = host(max_num_tokens, dtype=torch.int64)
+        self.h_qsl = host(max_num_seqs + 1, dtype=torch.int32)
+        self.h_seq_lens = host(max_num_seqs, dtype=torch.int32)
+        self.h_tables = host(max_num_seqs, max_blocks_per_seq, dtype=torch.int32)
+        self.h_logits_idx = host(max_num_seqs, dtype=torch.int64)
+        # device buffers the model (and captured graphs) read
+        self.input_ids = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
+        self.slots = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
+        self.qsl = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+        self.tables = torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.logits_idx = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+
+    def fill(self, rows: list[tuple[list[int], int, int, list[int]]], block_size: int,
+             pad_to: int | None = None) -> tuple[int, int, int, int]:
+        """Stage ``rows`` = (token ids, first position, query length, block ids) into the host buffers.
+
+        With ``pad_to``, dummy decode rows (query length 1, slot -1 so nothing is written, context 1)
+        fill the batch up to a captured graph size. Returns (num_tokens, num_seqs, max query len,
+        max seq len).
+        """
+        ids, pos, slots = self.h_input_ids.numpy(), self.h_positions.numpy(), self.h_slots.numpy()
+        qsl, lens, tables = self.h_qsl.numpy(), self.h_seq_lens.numpy(), self.h_tables.numpy()
+        t = 0
+        max_q = max_s = 0
+        qsl[0] = 0
+        for i, (tokens, start, n, blocks) in enumerate(rows):
+            ids[t:t + n] = tokens
+            p = np.arange(start, start + n)
+            pos[t:t + n] = p
+            blk = np.asarray(blocks, dtype=np.int64)
+            slots[t:t + n] = blk[p // block_size] * block_size + p % block_size
+            tables[i, :len(blocks)] = blocks
+            t += n
+            qsl[i + 1] = t
+            lens[i] = start + n
+            max_q, max_s = max(max_q, n), max(max_s, start + n)
+        num_seqs = len(rows)
+        if pad_to is not None and pad_to > num_seqs:
+            extra = pad_to - num_seqs
+            ids[t:t + extra] = 0
+            pos[t:t + extra] = 0
+            slots[t:t + extra] = -1
+            qsl[num_seqs + 1:pad_to + 1] = np.arange(t + 1, t + extra + 1)
+            lens[num_seqs:pad_to] = 1
+            tables[num_seqs:pad_to, 0] = 0
+            t += extra
+            num_seqs = pad_to
+        return t, num_seqs, max_q, max_s
+
+    def upload(self, num_tokens: int, num_seqs: int, logits_indices: list[int], max_q: int,
+               max_s: int, width: int) -> StepInputs:
+        """Copy the staged host data to the device buffers and return views of them."""
+        nb = self.device.type == "cuda"
+        n_logits = len(logits_indices)
+        self.h_logits_idx.numpy()[:n_logits] = logits_indices
+        self.input_ids[:num_tokens].copy_(self.h_input_ids[:num_tokens], non_blocking=nb)
+        self.positions[:num_tokens].copy_(self.h_positions[:num_tokens], non_blocking=nb)
+        self.slots[:num_tokens].copy_(self.h_slots[:num_tokens], non_blocking=nb)
+        self.qsl[:num_seqs + 1].copy_(self.h_qsl[:num_seqs + 1], non_blocking=nb)
+        self.seq_lens[:num_seqs].copy_(self.h_seq_lens[:num_seqs], non_blocking=nb)
+        self.tables[:num_seqs, :width].copy_(self.h_tables[:num_seqs, :width], non_blocking=nb)
+        self.logits_idx[:n_logits].copy_(self.h_logits_idx[:n_logits], non_blocking=nb)
+        meta = AttentionMetadata(
+            slot_mapping=self.slots[:num_tokens], query_start_loc=self.qsl[:num_seqs + 1],
+            seq_lens=self.seq_lens[:num_seqs], block_tables=self.tables[:num_seqs, :width],
+            max_query_len=max_q, max_seq_len=max_s)
+        return StepInputs(self.input_ids[:num_tokens], self.positions[:num_tokens], meta,
+                          self.logits_idx[:n_logits], num_tokens, num_seqs,
+                          is_decode_only=max_q == 1)
