@@ -40,6 +40,7 @@ class ModelSource:
     kind: str  # "hf" | "gguf" | "preset"
     path: Path | None
     hf_config: dict
+    gguf: object | None = None  # the opened GGUFCheckpoint (opening one reads its whole header)
 
     @property
     def tokenizer_path(self) -> Path | None:
@@ -51,13 +52,12 @@ class ModelSource:
 
 def resolve_model(model: str) -> ModelSource:
     if model in ALIASES:
-        path = smollm2_path()
-        return ModelSource(model, "gguf", path, _gguf_config(path))
+        return _gguf_source(model, smollm2_path())
     if model in PRESETS:
         return ModelSource(model, "preset", None, dict(PRESETS[model]))
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return ModelSource(model, "gguf", path, _gguf_config(path))
+        return _gguf_source(model, path)
     if path.is_dir():
         cfg = path / "config.json"
         if not cfg.is_file():
@@ -68,10 +68,11 @@ def resolve_model(model: str) -> ModelSource:
         f"({', '.join(ALIASES)}) nor a preset shape ({', '.join(PRESETS)})")
 
 
-def _gguf_config(path: Path) -> dict:
-    from .gguf_loader import read_gguf_config
+def _gguf_source(name: str, path: Path) -> ModelSource:
+    from .gguf_loader import GGUFCheckpoint
 
-    return read_gguf_config(path)
+    ckpt = GGUFCheckpoint(path)
+    return ModelSource(name, "gguf", path, ckpt.config, ckpt)
 
 
 def iter_safetensors(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -123,9 +124,7 @@ def load_model(source: ModelSource, *, dtype: torch.dtype, device: torch.device,
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     elif source.kind == "gguf":
-        from .gguf_loader import iter_gguf_weights
-
-        model.load_weights(iter_gguf_weights(source.path, dtype))
+        model.load_weights(source.gguf.weights(dtype))
     else:
         model.load_weights(iter_safetensors(source.path, dtype))
     return model.eval()
