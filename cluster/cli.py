@@ -79,7 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks: each prints a table and writes JSON",
+                           description="Benchmarks. Each prints a table, writes --result-file JSON and "
+                                       "measures the device ceilings it compares against in the same run.")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    for name, module, help_text in BENCHMARKS:
+        b = bench_sub.add_parser(name, help=help_text, description=help_text)
+        _bench_module(module).add_arguments(b)
+        b.set_defaults(func=lambda a, m=module: (_bench_module(m).run_from_args(a), 0)[1])
     return parser
+
+
+BENCHMARKS = [
+    ("throughput", "throughput", "offline generation throughput vs HF transformers generate_batch"),
+    ("latency", "latency", "batch-1 decode step time against the memory roofline"),
+    ("kernels", "kernels", "Triton kernels in GB/s and TFLOP/s beside copy bandwidth and matmul peak"),
+    ("serve", "serve", "load generator for any OpenAI-compatible server: TTFT, TPOT, ITL, throughput"),
+]
+
+
+def _bench_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"shoal.cluster.bench.{name}")
 
 
 def main(argv: list[str] | None = None) -> int:
