@@ -42,14 +42,35 @@ def run_shoal(llm, workload, temperature: float = 1.0) -> dict:
 
     prompts = [p for p, _ in workload]
     params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True) for _, n in workload]
+    before = step_profile(llm.engine)
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
+    after = step_profile(llm.engine)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     in_tokens = sum(len(p) for p in prompts)
+    profile = {k: after[k] - before[k] for k in after}
+    profile["other_s"] = elapsed - profile["schedule_s"] - profile["execute_s"] - profile["update_s"]
     return {"engine": "shoal", "requests": len(prompts), "input_tokens": in_tokens,
             "output_tokens": out_tokens, "seconds": elapsed, "output_tok_per_s": out_tokens / elapsed,
-            "total_tok_per_s": (in_tokens + out_tokens) / elapsed, "req_per_s": len(prompts) / elapsed}
+            "total_tok_per_s": (in_tokens + out_tokens) / elapsed, "req_per_s": len(prompts) / elapsed,
+            "profile": profile}
+
+
+def step_profile(engine) -> dict:
+    """Where the engine's time went so far: the core's step parts and the runner's breakdown."""
+    core, runner = engine.core.times, engine.runner.times
+    return {"steps": core.steps, "schedule_s": core.schedule_s, "execute_s": core.execute_s,
+            "update_s": core.update_s, **runner.as_dict()}
+
+
+def format_profile(profile: dict, elapsed: float) -> str:
+    parts = ["schedule_s", "prepare_s", "forward_s", "sample_s", "update_s", "other_s"]
+    rows = [{"part": k[:-2], "seconds": profile[k], "pct": 100 * profile[k] / elapsed} for k in parts]
+    rows.append({"part": "gpu busy (events)", "seconds": profile["gpu_s"], "pct": 100 * profile["gpu_s"] / elapsed})
+    title = (f"where the time went: {profile['steps']} steps ({profile['graph_steps']} graph, "
+             f"{profile['eager_steps']} eager), {1e3 * elapsed / max(profile['steps'], 1):.2f} ms/step")
+    return format_table(rows, ["part", "seconds", "pct"], title=title)
 
 
 def hf_model(hf_cfg: dict, state: dict, dtype, device: str):
@@ -144,6 +165,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
     cols = ["run", "engine", "requests", "input_tokens", "output_tokens", "seconds",
             "output_tok_per_s", "req_per_s"]
     print(format_table(rows, cols, title=f"throughput, workload ({args.workload}), {args.model}"))
+    print(format_profile(rows[0]["profile"], rows[0]["seconds"]))
     for k, v in payload.get("ceilings", {}).items():
         print(f"{k}: {v:,.1f}")
     if "speedup_vs_hf" in payload:

@@ -20,6 +20,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_prefix_caching, record_events)
         self._blocks: dict[str, list[KVBlock]] = {}
+        self._ids: dict[str, list[int]] = {}  # the same blocks' ids: read every step, built once
         self._num_hashed: dict[str, int] = {}  # how many of a request's blocks are published
 
     @property
@@ -30,7 +31,11 @@ class KVCacheManager:
         return self.pool.usage()
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._blocks.get(request_id, ())]
+        """The request's block table (the manager's own list: do not modify)."""
+        return self._ids.get(request_id, [])
+
+    def num_blocks(self, request_id: str) -> int:
+        return len(self._ids.get(request_id, ()))
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of a new request, in whole blocks, leaving >= 1 token to compute."""
@@ -52,7 +57,16 @@ class KVCacheManager:
         ``computed_blocks`` are prefix hits (from :meth:`get_computed_blocks`) for a request that holds
         no blocks yet; they count as computed tokens.
         """
+        held = self._blocks.get(request.request_id)
+        if held is not None and not computed_blocks:
+            # The common decode step: the token fits in a block the request already holds.
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= len(held) * self.block_size:
+                if total // self.block_size > self._num_hashed.get(request.request_id, 0):
+                    self._publish_full_blocks(request, held, total)
+                return True
         held = self._blocks.setdefault(request.request_id, [])
+        ids = self._ids.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
         needed = -(-total // self.block_size) - len(held) - len(computed_blocks)
@@ -61,11 +75,14 @@ class KVCacheManager:
         if needed > self.pool.num_free_blocks - evictable_hits:
             if not held:
                 del self._blocks[request.request_id]
+                del self._ids[request.request_id]
             return False
         self.pool.touch(computed_blocks)
         held.extend(computed_blocks)
         if needed > 0:
             held.extend(self.pool.allocate(needed))
+        if len(ids) < len(held):
+            ids.extend(b.block_id for b in held[len(ids):])
         self._publish_full_blocks(request, held, total)
         return True
 
@@ -84,6 +101,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Return a request's blocks, tail first, so its prefix outlives its suffix in the LRU."""
         blocks = self._blocks.pop(request.request_id, [])
+        self._ids.pop(request.request_id, None)
         self._num_hashed.pop(request.request_id, None)
         self.pool.release(reversed(blocks))
 

@@ -104,7 +104,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            held_before[request.request_id] = len(self.kv_cache.block_ids(request.request_id))
+            held_before[request.request_id] = self.kv_cache.num_blocks(request.request_id)
             while not self.kv_cache.allocate_slots(request, n):
                 victim = self._pick_victim()
                 self._preempt(victim)
@@ -144,11 +144,11 @@ class Scheduler:
                 block_ids=tuple(self.kv_cache.block_ids(request.request_id)),
                 num_computed_tokens=num_hit, eos_token_ids=request.eos_token_ids))
 
-        for rid in num_scheduled:
-            if rid in held_before:
+        for rid, before in held_before.items():
+            if rid in num_scheduled:
                 ids = self.kv_cache.block_ids(rid)
-                cached_reqs.append(CachedRequestData(
-                    rid, tuple(ids[held_before[rid]:]), self.requests[rid].num_computed_tokens))
+                new_ids = tuple(ids[before:]) if len(ids) > before else ()
+                cached_reqs.append(CachedRequestData(rid, new_ids, self.requests[rid].num_computed_tokens))
         out = SchedulerOutput(
             new_requests=tuple(new_reqs), cached_requests=tuple(cached_reqs),
             num_scheduled_tokens=num_scheduled, finished_request_ids=frozenset(self._finished_ids),
@@ -165,16 +165,17 @@ class Scheduler:
         for rid in sched.num_scheduled_tokens:
             request = self.requests.get(rid)
             token = result.sampled_token_ids.get(rid)
-            if request is None or token is None or request.status.finished:
+            if request is None or token is None or request.status is not RequestStatus.RUNNING:
                 continue  # a prefill chunk that did not reach the end samples nothing
             request.append_output_token(token)
             self._check_stop(request, token)
             lp = result.logprobs.get(rid)
+            done = request.status is not RequestStatus.RUNNING
             outputs.append(EngineCoreOutput(
                 request_id=rid, new_token_ids=(token,), new_logprobs=(lp,) if lp else (),
-                finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
+                finish_reason=request.status.value if done else None, stop_reason=request.stop_reason,
                 num_cached_tokens=max(request.num_cached_tokens, 0)))
-            if request.status.finished:
+            if done:
                 self.running.remove(request)
                 self._free(request)
         return outputs

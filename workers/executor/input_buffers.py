@@ -45,14 +45,12 @@ class InputBuffers:
         self.h_seq_lens = host(max_num_seqs, dtype=torch.int32)
         self.h_tables = host(max_num_seqs, max_blocks_per_seq, dtype=torch.int32)
         self.h_logits_idx = host(max_num_seqs, dtype=torch.int64)
-        # device buffers the model (and captured graphs) read
-        self.input_ids = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
-        self.slots = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
-        self.qsl = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
-        self.tables = torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.logits_idx = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+        # device buffers the model (and captured graphs) read; on CPU they are the host buffers
+        self._copy = device.type != "cpu"
+        dev = (lambda h: torch.zeros_like(h, device=device)) if self._copy else (lambda h: h)
+        self.input_ids, self.positions, self.slots = dev(self.h_input_ids), dev(self.h_positions), dev(self.h_slots)
+        self.qsl, self.seq_lens, self.tables = dev(self.h_qsl), dev(self.h_seq_lens), dev(self.h_tables)
+        self.logits_idx = dev(self.h_logits_idx)
 
     def fill(self, rows: list[tuple[list[int], int, int, list[int]]], block_size: int,
              pad_to: int | None = None) -> tuple[int, int, int, int]:
@@ -64,20 +62,42 @@ class InputBuffers:
         """
         ids, pos, slots = self.h_input_ids.numpy(), self.h_positions.numpy(), self.h_slots.numpy()
         qsl, lens, tables = self.h_qsl.numpy(), self.h_seq_lens.numpy(), self.h_tables.numpy()
-        t = 0
-        max_q = max_s = 0
-        qsl[0] = 0
-        for i, (tokens, start, n, blocks) in enumerate(rows):
-            ids[t:t + n] = tokens
-            p = np.arange(start, start + n)
-            pos[t:t + n] = p
-            blk = np.asarray(blocks, dtype=np.int64)
-            slots[t:t + n] = blk[p // block_size] * block_size + p % block_size
-            tables[i, :len(blocks)] = blocks
-            t += n
-            qsl[i + 1] = t
-            lens[i] = start + n
-            max_q, max_s = max(max_q, n), max(max_s, start + n)
+        # Per-row numpy calls cost microseconds each: build plain lists (decode rows are one token)
+        # and hand numpy a few whole arrays.
+        tok: list[int] = []
+        p_list: list[int] = []
+        s_list: list[int] = []
+        q_list = [0]
+        l_list: list[int] = []
+        flat_blocks: list[int] = []
+        counts: list[int] = []
+        for tokens, start, n, blocks in rows:
+            if n == 1:
+                tok.append(tokens[0])
+                p_list.append(start)
+                s_list.append(blocks[start // block_size] * block_size + start % block_size)
+            else:
+                tok.extend(tokens)
+                for q in range(start, start + n):
+                    p_list.append(q)
+                    s_list.append(blocks[q // block_size] * block_size + q % block_size)
+            q_list.append(q_list[-1] + n)
+            l_list.append(start + n)
+            flat_blocks.extend(blocks)
+            counts.append(len(blocks))
+        t = len(tok)
+        ids[:t] = tok
+        pos[:t] = p_list
+        slots[:t] = s_list
+        qsl[:len(q_list)] = q_list
+        lens[:len(l_list)] = l_list
+        if rows:
+            counts_np = np.asarray(counts)
+            row_of = np.repeat(np.arange(len(rows)), counts_np)
+            col_of = np.arange(len(flat_blocks)) - np.repeat(np.cumsum(counts_np) - counts_np, counts_np)
+            tables[row_of, col_of] = flat_blocks
+        max_q = max((r[2] for r in rows), default=0)
+        max_s = max(l_list, default=0)
         num_seqs = len(rows)
         if pad_to is not None and pad_to > num_seqs:
             extra = pad_to - num_seqs
@@ -94,16 +114,17 @@ class InputBuffers:
     def upload(self, num_tokens: int, num_seqs: int, logits_indices: list[int], max_q: int,
                max_s: int, width: int) -> StepInputs:
         """Copy the staged host data to the device buffers and return views of them."""
-        nb = self.device.type == "cuda"
         n_logits = len(logits_indices)
         self.h_logits_idx.numpy()[:n_logits] = logits_indices
-        self.input_ids[:num_tokens].copy_(self.h_input_ids[:num_tokens], non_blocking=nb)
-        self.positions[:num_tokens].copy_(self.h_positions[:num_tokens], non_blocking=nb)
-        self.slots[:num_tokens].copy_(self.h_slots[:num_tokens], non_blocking=nb)
-        self.qsl[:num_seqs + 1].copy_(self.h_qsl[:num_seqs + 1], non_blocking=nb)
-        self.seq_lens[:num_seqs].copy_(self.h_seq_lens[:num_seqs], non_blocking=nb)
-        self.tables[:num_seqs, :width].copy_(self.h_tables[:num_seqs, :width], non_blocking=nb)
-        self.logits_idx[:n_logits].copy_(self.h_logits_idx[:n_logits], non_blocking=nb)
+        if self._copy:
+            nb = True  # pinned host memory: the copies are queued, not waited for
+            for dst, src in ((self.input_ids, self.h_input_ids), (self.positions, self.h_positions),
+                             (self.slots, self.h_slots)):
+                dst[:num_tokens].copy_(src[:num_tokens], non_blocking=nb)
+            self.qsl[:num_seqs + 1].copy_(self.h_qsl[:num_seqs + 1], non_blocking=nb)
+            self.seq_lens[:num_seqs].copy_(self.h_seq_lens[:num_seqs], non_blocking=nb)
+            self.tables[:num_seqs, :width].copy_(self.h_tables[:num_seqs, :width], non_blocking=nb)
+            self.logits_idx[:n_logits].copy_(self.h_logits_idx[:n_logits], non_blocking=nb)
         meta = AttentionMetadata(
             slot_mapping=self.slots[:num_tokens], query_start_loc=self.qsl[:num_seqs + 1],
             seq_lens=self.seq_lens[:num_seqs], block_tables=self.tables[:num_seqs, :width],

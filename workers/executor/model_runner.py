@@ -9,7 +9,8 @@ sampled ids back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -36,6 +37,21 @@ class CachedRequestState:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+
+@dataclass
+class RunnerTimes:
+    """Summed seconds per part of ``execute``. ``gpu_s`` is device time (CUDA events, read a step late)."""
+
+    prepare_s: float = 0.0  # host: states, numpy inputs, uploads
+    forward_s: float = 0.0  # host: launching the model (all of it on CPU, where nothing is async)
+    sample_s: float = 0.0  # host: logits + sampler, including the wait for the sampled ids
+    gpu_s: float = 0.0
+    graph_steps: int = 0
+    eager_steps: int = 0
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,8 @@ class ModelRunner:
         max_seqs = max(config.max_num_seqs, 1)
         self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_seqs), max_seqs,
                                     -(-config.max_model_len // config.block_size), device)
+        self.times = RunnerTimes()
+        self._pending_events: tuple | None = None
         self.graphs: DecodeGraphs | None = None
         if config.cuda_graphs and device.type == "cuda":
             self.graphs = DecodeGraphs(model, kv_caches, self.buffers, config.block_size,
@@ -90,20 +108,47 @@ class ModelRunner:
         self._update_states(sched)
         if sched.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
+        t0 = time.perf_counter()
         inputs, sampling_ids, graph_bs = self._prepare_inputs(sched)
+        events = self._gpu_events_start()
+        t1 = time.perf_counter()
         if graph_bs is not None:
             hidden = self.graphs.replay(graph_bs)
+            self.times.graph_steps += 1
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+            self.times.eager_steps += 1
+        t2 = time.perf_counter()
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab]
         rows = [self._sampling_row(self.requests[rid]) for rid in sampling_ids]
-        out = self.sampler(logits, rows)
+        out = self.sampler(logits, rows)  # reads the ids back: the step's one host sync
+        self._gpu_events_end(events)
+        t = self.times
+        t.prepare_s, t.forward_s, t.sample_s = (t.prepare_s + t1 - t0, t.forward_s + t2 - t1,
+                                                t.sample_s + time.perf_counter() - t2)
         logprobs = {}
         for i, rid in enumerate(sampling_ids):
             self.requests[rid].token_ids.append(out.token_ids[i])
             if out.logprobs[i] is not None:
                 logprobs[rid] = out.logprobs[i]
         return ModelRunnerOutput(dict(zip(sampling_ids, out.token_ids)), logprobs)
+
+    def _gpu_events_start(self):
+        if self.device.type != "cuda":
+            return None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
+
+    def _gpu_events_end(self, start) -> None:
+        if start is None:
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        if self._pending_events is not None:  # last step's pair has surely finished by now
+            s, e = self._pending_events
+            self.times.gpu_s += s.elapsed_time(e) / 1e3
+        self._pending_events = (start, end)
 
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_request_ids:

@@ -1,0 +1,321 @@
+"""Tensor parallelism as a transform of the single-device Llama model (gpt-fast / Megatron style).
+
+``apply_tensor_parallel`` swaps modules in place; the model file stays free of distributed code:
+
+- q/k/v and gate/up are column-parallel (each rank holds a slice of the output features, no comm);
+- o_proj and down_proj are row-parallel (a slice of the input features, then an all-reduce of the
+  output; a bias is added once, after the reduce);
+- the embedding is vocab-parallel (a slice of the rows; ids outside it give zero rows; all-reduce);
+- the LM head is vocab-parallel with an all-gather, so every rank holds the full logits and samples
+  the same tokens. Tied embeddings stay tied: head and embedding share the one shard.
+
+Heads: rank ``r`` owns query heads ``[r * H/N, (r+1) * H/N)`` and the KV heads they read. With more
+ranks than KV heads each KV head is replicated on the ``N / kv`` ranks whose query heads use it.
+The vocab is padded up to a multiple of ``N`` with zero rows; the padded logits are cut off after
+the gather. Norms (Qwen3's per-head q/k norms act on ``head_dim``) and the rotary cache are replicated.
+
+``load_model_shard`` builds the model on the meta device, shards it, then streams the checkpoint
+through the same slicing rules, so a rank only ever allocates its own shard on its device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.workers.models.config import ModelConfig
+from shoal.workers.models.llama import LlamaForCausalLM
+from shoal.workers.models.loader import ModelSource, _default_dtype, safetensors_files
+from shoal.workers.models.ops import KernelOps
+from shoal.workers.models.rotary import cos_sin_cache
+
+ProcessGroup = dist.ProcessGroup | None  # None: the default (world) group
+
+
+@dataclass(frozen=True)
+class TPLayout:
+    """The slice of the model one rank holds; ranges are in heads, features and vocab rows."""
+
+    rank: int
+    world_size: int
+    head_dim: int
+    q_head_start: int
+    num_q_heads: int  # per rank
+    kv_head_start: int
+    num_kv_heads: int  # per rank (1 when KV heads are replicated)
+    intermediate_start: int
+    intermediate_per_rank: int
+    vocab_start: int
+    vocab_per_rank: int  # padded: ceil(vocab_size / world_size)
+    vocab_size: int
+
+
+def tp_layout(cfg: ModelConfig, rank: int, world_size: int) -> TPLayout:
+    """Which heads, MLP features and vocab rows ``rank`` owns; ValueError when the model cannot split."""
+    if world_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if heads % world_size:
+        raise ValueError(
+            f"num_attention_heads ({heads}) must be divisible by tensor_parallel_size ({world_size}): "
+            f"a rank holds whole query heads; use a tensor_parallel_size that divides {heads}")
+    if (kv >= world_size and kv % world_size) or (kv < world_size and world_size % kv):
+        raise ValueError(
+            f"num_key_value_heads ({kv}) and tensor_parallel_size ({world_size}) must divide one another: "
+            f"each rank needs whole KV heads (split when kv >= size, replicated when kv < size)")
+    if cfg.intermediate_size % world_size:
+        raise ValueError(f"intermediate_size ({cfg.intermediate_size}) must be divisible by "
+                         f"tensor_parallel_size ({world_size})")
+    q_per = heads // world_size
+    if kv >= world_size:
+        kv_per, kv_start = kv // world_size, rank * (kv // world_size)
+    else:  # replicated: the one KV head this rank's query heads share
+        kv_per, kv_start = 1, rank * q_per // cfg.num_kv_groups
+    inter = cfg.intermediate_size // world_size
+    vocab_per = math.ceil(cfg.vocab_size / world_size)
+    return TPLayout(rank, world_size, cfg.head_dim, rank * q_per, q_per, kv_start, kv_per,
+                    rank * inter, inter, rank * vocab_per, vocab_per, cfg.vocab_size)
+
+
+def shard_rule(layout: TPLayout, name: str) -> tuple[int, int, int] | None:
+    """``(dim, start, length)`` of HF tensor ``name`` that this rank holds; None: every rank holds all of it."""
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return 0, layout.vocab_start, layout.vocab_per_rank
+    module, kind = name.split(".")[-2:]
+    hd = layout.head_dim
+    q_rows = (layout.q_head_start * hd, layout.num_q_heads * hd)
+    kv_rows = (layout.kv_head_start * hd, layout.num_kv_heads * hd)
+    inter = (layout.intermediate_start, layout.intermediate_per_rank)
+    if module == "q_proj":
+        return (0, *q_rows)
+    if module in ("k_proj", "v_proj"):
+        return (0, *kv_rows)
+    if module in ("gate_proj", "up_proj"):
+        return (0, *inter)
+    if module == "o_proj" and kind == "weight":
+        return (1, *q_rows)
+    if module == "down_proj" and kind == "weight":
+        return (1, *inter)
+    return None  # norms, row-parallel biases
+
+
+def _pad_rows(part: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """Zero rows past the real vocab, so every rank's vocab shard has the same size (all-gather)."""
+    missing = length - part.shape[dim]
+    if missing == 0:
+        return part
+    shape = list(part.shape)
+    shape[dim] = missing
+    return torch.cat((part, part.new_zeros(shape)), dim=dim)
+
+
+def shard_tensor(layout: TPLayout, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a full HF tensor, in its own storage (the full tensor can be freed)."""
+    rule = shard_rule(layout, name)
+    if rule is None:
+        return tensor
+    dim, start, length = rule
+    start = min(start, tensor.shape[dim])
+    part = tensor.narrow(dim, start, min(length, tensor.shape[dim] - start))
+    return _pad_rows(part.clone(memory_format=torch.contiguous_format), dim, length)
+
+
+# -- the parallel modules ----------------------------------------------------------------------------
+
+
+class _ShardLinear(nn.Module):
+    """A linear layer over one shard; ``in/out_features`` are the shard's (the KV cache sizes from them)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: ProcessGroup):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
+        self.group = group
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class ColumnParallelLinear(_ShardLinear):
+    """Output features split across ranks: each rank computes its slice, nothing to communicate."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(_ShardLinear):
+    """Input features split across ranks: partial products are summed by an all-reduce."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, in_features / N] -> y: [num_tokens, out_features], the same on every rank
+        y = F.linear(x, self.weight)
+        dist.all_reduce(y, group=self.group)
+        return y if self.bias is None else y + self.bias  # once, not N times
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows ``[vocab_start, vocab_start + rows)`` of the table; other ids look up zeros, then all-reduce."""
+
+    def __init__(self, weight: torch.Tensor, vocab_start: int, group: ProcessGroup):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.vocab_start = vocab_start
+        self.group = group
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids: [num_tokens] -> [num_tokens, hidden]
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        x.masked_fill_(outside.unsqueeze(-1), 0.0)
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"rows={self.weight.shape[0]}, vocab_start={self.vocab_start}, hidden={self.weight.shape[1]}"
+
+
+class ParallelLMHead(_ShardLinear):
+    """Each rank projects onto its vocab slice; an all-gather gives every rank the full logits."""
+
+    def __init__(self, weight: torch.Tensor, vocab_size: int, world_size: int, group: ProcessGroup):
+        super().__init__(weight, None, group)
+        self.vocab_size = vocab_size
+        self.world_size = world_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [num_rows, hidden] -> logits: [num_rows, vocab_size]
+        local = F.linear(hidden, self.weight).contiguous()  # [num_rows, vocab_per_rank]
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local, group=self.group)
+        return torch.cat(parts, dim=-1)[:, : self.vocab_size]
+
+
+# -- the transform -----------------------------------------------------------------------------------
+
+
+def _sharded(layout: TPLayout, prefix: str, linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = shard_tensor(layout, f"{prefix}.weight", linear.weight.detach())
+    bias = None if linear.bias is None else shard_tensor(layout, f"{prefix}.bias", linear.bias.detach())
+    return weight, bias
+
+
+def apply_tensor_parallel(model: LlamaForCausalLM, rank: int, world_size: int,
+                          group: ProcessGroup = None) -> LlamaForCausalLM:
+    """Rewrite ``model`` in place into rank ``rank``'s shard of a ``world_size``-way split; returns it.
+
+    Works on loaded weights (each is sliced) and on a meta-device model (shapes only; see
+    ``load_model_shard``). ``group`` is used only in forward, so a model can be sharded (and its shapes
+    checked) before any process group exists. ``world_size == 1`` leaves the model as it is.
+    """
+    layout = tp_layout(model.config, rank, world_size)
+    if world_size == 1:
+        return model
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(attn, name, ColumnParallelLinear(*_sharded(layout, f"model.layers.{i}.self_attn.{name}",
+                                                               getattr(attn, name)), group))
+        attn.o_proj = RowParallelLinear(*_sharded(layout, f"model.layers.{i}.self_attn.o_proj", attn.o_proj), group)
+        attn.num_heads, attn.num_kv_heads = layout.num_q_heads, layout.num_kv_heads
+        for name in ("gate_proj", "up_proj"):
+            setattr(mlp, name, ColumnParallelLinear(*_sharded(layout, f"model.layers.{i}.mlp.{name}",
+                                                              getattr(mlp, name)), group))
+        mlp.down_proj = RowParallelLinear(*_sharded(layout, f"model.layers.{i}.mlp.down_proj", mlp.down_proj), group)
+    embed = VocabParallelEmbedding(
+        shard_tensor(layout, "model.embed_tokens.weight", model.model.embed_tokens.weight.detach()),
+        layout.vocab_start, group)
+    model.model.embed_tokens = embed
+    if model.config.tie_word_embeddings:
+        head_weight = embed.weight  # the same Parameter: still tied
+    else:
+        head_weight = shard_tensor(layout, "lm_head.weight", model.lm_head.weight.detach())
+    model.lm_head = ParallelLMHead(head_weight, layout.vocab_size, world_size, group)
+    model.tp_layout = layout
+    return model
+
+
+# -- shard-only loading ------------------------------------------------------------------------------
+
+
+def shard_weights(layout: TPLayout, weights: Iterable[tuple[str, torch.Tensor]]
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Slice full HF tensors as they stream in (GGUF, or anything read whole on the host)."""
+    for name, tensor in weights:
+        yield name, shard_tensor(layout, name, tensor)
+
+
+def iter_safetensors_shard(path: Path, dtype: torch.dtype, layout: TPLayout
+                           ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Only this rank's slice of each tensor is read from the files (``get_slice``), then cast."""
+    from safetensors import safe_open
+
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                rule = shard_rule(layout, key)
+                if rule is None:
+                    yield key, f.get_tensor(key).to(dtype)
+                    continue
+                dim, start, length = rule
+                sl = f.get_slice(key)
+                size = sl.get_shape()[dim]
+                start, stop = min(start, size), min(start + length, size)
+                part = sl[start:stop] if dim == 0 else sl[:, start:stop]
+                yield key, _pad_rows(part.to(dtype), dim, length)
+
+
+def iter_dummy_weights(full: LlamaForCausalLM, dtype: torch.dtype, device: torch.device, seed: int
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The full tensors ``loader.init_dummy_weights`` would give a whole model, one at a time.
+
+    Same parameter order, generator and device, so a sharded dummy model is a slice of the TP=1 one.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, param in full.named_parameters():
+        t = torch.empty(param.shape, dtype=dtype, device=device)
+        yield name, t.fill_(1.0) if name.endswith("norm.weight") else t.normal_(0.0, 0.02, generator=gen)
+
+
+def _materialize(model: LlamaForCausalLM, device: torch.device) -> None:
+    """Meta -> empty storage on ``device``; re-tie the head and rebuild the (non-persistent) rotary cache."""
+    model.to_empty(device=device)
+    cfg = model.config
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty gave each its own tensor
+    model.cos_sin_cache = cos_sin_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                                        cfg.rope_scaling).to(device)
+
+
+def load_model_shard(source: ModelSource, *, dtype: torch.dtype, device: torch.device, ops: KernelOps,
+                     rank: int, world_size: int, group: ProcessGroup = None, load_format: str = "auto",
+                     seed: int = 0) -> LlamaForCausalLM:
+    """Rank ``rank``'s shard of the model of ``source``, loaded without ever allocating the full model."""
+    cfg = ModelConfig.from_hf(source.hf_config)
+    layout = tp_layout(cfg, rank, world_size)
+    if source.kind == "preset" and load_format != "dummy":
+        raise ValueError(f"model {source.name!r} is a shape preset without weights: "
+                         "use load_format='dummy' (--load-format dummy)")
+    with torch.device("meta"), _default_dtype(dtype):
+        model = LlamaForCausalLM(cfg, ops)
+        full = LlamaForCausalLM(cfg, ops) if load_format == "dummy" else None  # names and shapes only
+    apply_tensor_parallel(model, rank, world_size, group)
+    _materialize(model, device)
+    if load_format == "dummy":
+        weights = shard_weights(layout, iter_dummy_weights(full, dtype, device, seed))
+    elif source.kind == "gguf":
+        weights = shard_weights(layout, source.gguf.weights(dtype))
+    else:
+        weights = iter_safetensors_shard(source.path, dtype, layout)
+    model.load_weights(weights)
+    return model.eval()
