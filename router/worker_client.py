@@ -20,15 +20,8 @@ from shoal.workers.rpc import codec
 from shoal.workers.rpc import worker_pb2 as pb
 from shoal.workers.rpc import worker_pb2_grpc as pb_grpc
 
+from .worker_pool import WorkerUnavailable
 
-class WorkerUnavailable(RuntimeError):
-    """The worker could not be reached, missed a deadline, or died (or shut down) during a call."""
-
-    def __init__(self, worker_id: str, message: str, *, code: str = "UNAVAILABLE", started: bool = False):
-        super().__init__(f"worker {worker_id}: {message}")
-        self.worker_id = worker_id
-        self.code = code  # the gRPC status name, e.g. "UNAVAILABLE", "DEADLINE_EXCEEDED"
-        self.started = started  # the caller already received part of this stream
 
 
 class GrpcWorkerClient:

@@ -1,0 +1,119 @@
+"""Prometheus metrics of one router, on its own ``CollectorRegistry`` (no global state: several apps
+can live in one process, as they do in tests).
+
+Prefix caching is measured twice, so the placement policy can be judged: *predicted* is what the
+policy expected the chosen worker to have cached at placement (``predicted_cached_tokens``), *reported*
+is what the worker then said it found (``num_cached_tokens`` of the request's deltas). Both are token
+counters over the same prompts; their ratio to ``prompt_tokens`` is the hit rate. The workers' own
+lifetime counters (``WorkerLoad.num_prefix_hits / num_prefix_queries``, all routers' traffic) are
+exported per worker beside them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from .worker_pool import WorkerPool
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "shoal_router") -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r, p = self.registry, prefix
+        self.requests = Counter(f"{p}_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.ttft = Histogram(f"{p}_time_to_first_token_seconds", "Arrival to the first generated token",
+                              ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram(f"{p}_inter_token_seconds", "Gap between a choice's successive deltas",
+                                     ["endpoint"], buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(f"{p}_request_duration_seconds", "Arrival to the last token",
+                             ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge(f"{p}_queue_depth", "Requests waiting for a concurrency slot", registry=r)
+        self.in_flight = Gauge(f"{p}_requests_in_flight", "Requests holding a concurrency slot", registry=r)
+        self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens placed on workers", registry=r)
+        self.generation_tokens = Counter(f"{p}_generation_tokens", "Tokens generated", registry=r)
+        self.predicted_cached = Counter(f"{p}_prefix_predicted_cached_tokens",
+                                        "Prompt tokens the policy predicted cached on the chosen worker",
+                                        registry=r)
+        self.reported_cached = Counter(f"{p}_prefix_reported_cached_tokens",
+                                       "Prompt tokens the workers reported found in their prefix cache",
+                                       registry=r)
+        self.prefix_hit_rate = Gauge(f"{p}_prefix_hit_rate",
+                                     "Cached / prompt tokens of this router's requests", ["source"],
+                                     registry=r)
+        self.placements = Counter(f"{p}_worker_placements", "Prompts placed, by worker", ["worker"],
+                                  registry=r)
+        self.retries = Counter(f"{p}_worker_retries", "Requests moved to another worker before their "
+                               "first token, by the worker that failed", ["worker"], registry=r)
+        self.worker_healthy = Gauge(f"{p}_worker_healthy", "1 when the worker is in placement", ["worker"],
+                                    registry=r)
+        self.worker_running = Gauge(f"{p}_worker_running_requests", "Worker-reported running requests",
+                                    ["worker"], registry=r)
+        self.worker_waiting = Gauge(f"{p}_worker_waiting_requests", "Worker-reported waiting requests",
+                                    ["worker"], registry=r)
+        self.worker_kv_usage = Gauge(f"{p}_worker_kv_usage", "Fraction of the worker's KV blocks in use",
+                                     ["worker"], registry=r)
+        self.worker_in_flight = Gauge(f"{p}_worker_in_flight", "This router's open requests on the worker",
+                                      ["worker"], registry=r)
+        self.worker_prefix_hit_rate = Gauge(f"{p}_worker_prefix_hit_rate",
+                                            "Worker-reported prefix cache hits / queried prompt tokens",
+                                            ["worker"], registry=r)
+        self._predicted = self._reported = self._prompt = 0
+        self._known_workers: set[str] = set()
+
+    # -- per request ----------------------------------------------------------------------------
+
+    def observe_placement(self, worker_id: str, prompt_tokens: int, predicted_cached: int | None) -> None:
+        self.placements.labels(worker_id).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self._prompt += prompt_tokens
+        if predicted_cached is not None:
+            self.predicted_cached.inc(predicted_cached)
+            self._predicted += predicted_cached
+        self._update_hit_rates()
+
+    def observe_reported_cached(self, tokens: int) -> None:
+        self.reported_cached.inc(tokens)
+        self._reported += tokens
+        self._update_hit_rates()
+
+    def _update_hit_rates(self) -> None:
+        if self._prompt:
+            self.prefix_hit_rate.labels("predicted").set(self._predicted / self._prompt)
+            self.prefix_hit_rate.labels("reported").set(self._reported / self._prompt)
+
+    # -- scrape ---------------------------------------------------------------------------------
+
+    def observe_pool(self, pool: "WorkerPool") -> None:
+        """Copy the pool's latest per-worker state into gauges (called at scrape time)."""
+        seen = set()
+        for s in pool.states():
+            w = s.worker_id
+            seen.add(w)
+            self.worker_healthy.labels(w).set(1 if s.healthy else 0)
+            self.worker_running.labels(w).set(s.load.num_running)
+            self.worker_waiting.labels(w).set(s.load.num_waiting)
+            self.worker_kv_usage.labels(w).set(s.load.kv_usage)
+            self.worker_in_flight.labels(w).set(s.in_flight)
+            if s.load.num_prefix_queries:
+                self.worker_prefix_hit_rate.labels(w).set(s.load.num_prefix_hits / s.load.num_prefix_queries)
+        for gone in self._known_workers - seen:  # a removed worker's series disappear
+            for g in (self.worker_healthy, self.worker_running, self.worker_waiting, self.worker_kv_usage,
+                      self.worker_in_flight, self.worker_prefix_hit_rate):
+                try:
+                    g.remove(gone)
+                except KeyError:
+                    pass
+        self._known_workers = seen
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
