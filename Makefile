@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 PROMPT ?= The capital of France is
 
-.PHONY: install test test-fast serve generate clean
+.PHONY: install test serve generate clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 serve: $(STAMP)
+	$(VENV)/bin/shoal serve --model smollm2-135m $(SERVE_ARGS)
+
+generate: $(STAMP)
 	$(VENV)/bin/shoal generate --model smollm2-135m --max-tokens 64 "$(PROMPT)"
 
 clean:

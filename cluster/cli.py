@@ -44,6 +44,23 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
 
 
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    """The engine options of ``args`` as command-line flags again (for worker processes)."""
+    flags = ["--model", args.model]
+    for key, value in engine_kwargs(args).items():
+        if key == "enable_prefix_caching":
+            flags += [] if value else ["--no-prefix-caching"]
+        elif value is not None:
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    return serve(args)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from shoal.workers import LLM, SamplingParams
 
@@ -79,6 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser(
+        "serve", help="serve a model over the OpenAI API: a router and N worker processes on this machine",
+        description="Start N engine workers (one process each, gRPC on 127.0.0.1) and an OpenAI-compatible "
+                    "router in front of them. Stops everything on Ctrl-C / SIGTERM.")
+    srv.add_argument("--host", default="127.0.0.1", help="router address (default: %(default)s)")
+    srv.add_argument("--port", type=int, default=8000, help="router port; 0 picks a free one (default: %(default)s)")
+    srv.add_argument("--workers", type=int, default=1, help="engine worker processes (default: %(default)s)")
+    srv.add_argument("--policy", default="prefix_aware",
+                     help="placement: prefix_aware, least_load, round_robin, session (default: %(default)s)")
+    srv.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
+    srv.add_argument("--max-concurrent-requests", type=int, default=256)
+    srv.add_argument("--max-waiting-requests", type=int, default=1024)
+    srv.add_argument("--worker-start-timeout", type=float, default=600.0, help="seconds a worker may take to load")
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks: each prints a table and writes JSON",
                            description="Benchmarks. Each prints a table, writes --result-file JSON and "

@@ -68,6 +68,20 @@ def resolve_model(model: str) -> ModelSource:
         f"({', '.join(ALIASES)}) nor a preset shape ({', '.join(PRESETS)})")
 
 
+def tokenizer_path(model: str) -> Path | None:
+    """Where ``model``'s tokenizer lives, without loading the model (for the router)."""
+    if model in ALIASES:
+        return smollm2_path()
+    if model in PRESETS:
+        return None
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return path
+    return None
+
+
 def _gguf_source(name: str, path: Path) -> ModelSource:
     from .gguf_loader import GGUFCheckpoint
 
@@ -75,9 +89,8 @@ def _gguf_source(name: str, path: Path) -> ModelSource:
     return ModelSource(name, "gguf", path, ckpt.config, ckpt)
 
 
-def iter_safetensors(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
+def safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint's ``*.safetensors`` files (from the index when there is one), in a stable order."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -85,8 +98,14 @@ def iter_safetensors(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torc
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"model directory {str(path)!r} has no *.safetensors files")
-    for name in files:
-        with safe_open(str(path / name), framework="pt") as f:
+    return [path / name for name in files]
+
+
+def iter_safetensors(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 yield key, f.get_tensor(key).to(dtype)
 

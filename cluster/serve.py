@@ -1,0 +1,107 @@
+"""``shoal serve``: an OpenAI-compatible router in front of N engine worker processes, on one machine.
+
+The workers are ``python -m shoal.workers.server`` children speaking gRPC on 127.0.0.1 (the cluster
+path runs the same server in Ray actors); the router runs in this process under uvicorn. Ctrl-C or
+SIGTERM stops the router first (in-flight requests end), then the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from .cli import engine_flags
+from .worker_process import WorkerProcess, WorkerStartError
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the router's socket here, so ``--port 0`` works and the printed URL is the real one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def start_workers(args: argparse.Namespace) -> list[WorkerProcess]:
+    flags = engine_flags(args)
+    workers = [WorkerProcess(f"worker-{i}", flags) for i in range(args.workers)]
+    for w in workers:
+        w.start()
+    try:
+        with ThreadPoolExecutor(len(workers)) as pool:  # load in parallel
+            list(pool.map(lambda w: w.wait_ready(args.worker_start_timeout), workers))
+    except WorkerStartError:
+        stop_workers(workers)
+        raise
+    return workers
+
+
+def stop_workers(workers: list[WorkerProcess]) -> None:
+    with ThreadPoolExecutor(max(len(workers), 1)) as pool:
+        list(pool.map(lambda w: w.stop(), workers))
+
+
+def _router_server(app):
+    import uvicorn
+
+    class RouterServer(uvicorn.Server):
+        # uvicorn re-raises a captured SIGTERM after shutting down, which would kill this process
+        # before it stops the workers; serve() handles the signals itself instead.
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+    server = RouterServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+
+    def on_signal(signum, frame):
+        if server.should_exit:  # a second Ctrl-C: stop waiting for in-flight requests
+            server.force_exit = True
+        server.should_exit = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return server
+
+
+def serve(args: argparse.Namespace) -> int:
+    from shoal.router.app import create_app
+    from shoal.router.config import RouterConfig
+    from shoal.router.worker_client import GrpcWorkerClient
+    from shoal.router.worker_pool import make_pool
+    from shoal.workers.models.loader import tokenizer_path
+    from shoal.workers.tokenizer import Tokenizer
+
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    tok_path = args.tokenizer or tokenizer_path(args.model)
+    if tok_path is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer; pass --tokenizer PATH")
+    tokenizer = Tokenizer.from_path(tok_path)
+    config = RouterConfig(
+        served_model_name=args.served_model_name or args.model, placement=args.policy,
+        placement_options={"block_size": args.block_size} if args.policy == "prefix_aware" else {},
+        max_concurrent_requests=args.max_concurrent_requests, max_waiting_requests=args.max_waiting_requests)
+    sock = bind_socket(args.host, args.port)
+    print(f"shoal serve: starting {args.workers} worker(s) for {args.model} ...", flush=True)
+    workers = start_workers(args)
+    try:
+        pool = make_pool(config)
+        for w in workers:
+            pool.add(GrpcWorkerClient(w.worker_id, w.endpoint))
+        app = create_app(config, pool, tokenizer)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"shoal serve: ready on http://{shown}:{port}/v1 (model {config.served_model_name!r}, "
+              f"{len(workers)} worker(s), placement {args.policy})", flush=True)
+        _router_server(app).run(sockets=[sock])
+    finally:
+        stop_workers(workers)
+        sock.close()
+        print("shoal serve: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,171 @@
+"""The deployment spec: the example loads, round trips, and every bad field is named by its path."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shoal.cluster.spec import (DeploymentSpec, EtcdSpec, PoolAutoscaling, PoolSpec, Resources, RouterSpec,
+                                SpecError, engine_fields, load_spec, parse_memory)
+from shoal.workers.config import EngineConfig
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "deploy.yaml"
+
+
+@pytest.fixture(scope="module")
+def example() -> DeploymentSpec:
+    return load_spec(EXAMPLE)
+
+
+def test_the_example_loads_with_its_values(example):
+    assert example.name == "smollm2-demo" and example.model == "smollm2-135m"
+    assert list(example.pools) == ["prefill", "decode"]
+    decode = example.pools["decode"]
+    assert decode.replicas == 2 and decode.tensor_parallel_size == 1
+    assert decode.resources_per_rank == Resources(cpu=4, gpu=1, memory=16 * 2**30)
+    assert decode.engine["kv_events"] is True and decode.engine_option("max_model_len") is None
+    assert example.block_size == 16
+    assert example.router == RouterSpec(replicas=2, policy="prefix_aware", port=8000)
+    assert example.etcd.endpoints == ("etcd-0.etcd:2379", "etcd-1.etcd:2379", "etcd-2.etcd:2379")
+    assert example.autoscaling == {"decode": PoolAutoscaling(min_replicas=1, max_replicas=8, target=0.75)}
+
+
+def test_round_trips_through_dict_json_and_yaml(example, tmp_path):
+    assert DeploymentSpec.from_dict(example.to_dict()) == example
+    assert DeploymentSpec.from_json(example.to_json()) == example
+    json.dumps(example.to_dict())  # plain data only
+    path = tmp_path / "spec.json"
+    path.write_text(example.to_json())
+    assert load_spec(path) == example
+    import yaml
+
+    assert DeploymentSpec.from_yaml(yaml.safe_dump(example.to_dict())) == example
+
+
+def test_a_minimal_spec_takes_the_defaults():
+    spec = DeploymentSpec.from_dict({"name": "tiny", "model": "m", "pools": {"unified": {}}})
+    assert spec.pools["unified"] == PoolSpec()
+    assert spec.router == RouterSpec() and spec.etcd == EtcdSpec(("127.0.0.1:2379",), "/shoal")
+    assert spec.autoscaling == {} and spec.block_size == engine_fields()["block_size"]
+    assert DeploymentSpec.from_dict(spec.to_dict()) == spec
+
+
+def _set(path: str, value):
+    """A mutation of the example's dict: set (or with value DELETE, drop) the dotted ``path``."""
+    def mutate(d: dict) -> None:
+        *parents, last = path.split(".")
+        for key in parents:
+            d = d[key]
+        if value is DELETE:
+            del d[last]
+        else:
+            d[last] = value
+    return mutate
+
+
+DELETE = object()
+
+BAD = [
+    (_set("pools.decode.replicas", -1), "pools.decode.replicas must be >= 0, got -1"),
+    (_set("pools.decode.replicas", "two"), "pools.decode.replicas must be an integer, got 'two'"),
+    (_set("pools.decode.replicas", True), "pools.decode.replicas must be an integer, got True"),
+    (_set("pools.prefill.tensor_parallel_size", 0), "pools.prefill.tensor_parallel_size must be >= 1, got 0"),
+    (_set("pools.decode.engine.blok_size", 16),
+     "pools.decode.engine.blok_size is not an EngineConfig field (did you mean 'block_size'?)"),
+    (_set("pools.decode.engine.model", "x"), "pools.decode.engine.model is set once, by the top-level model"),
+    (_set("pools.decode.engine.block_size", 32), "pools.decode.engine.block_size must equal pools.prefill's (16)"),
+    (_set("pools.decode.resources_per_rank.GPU", -1), "pools.decode.resources_per_rank.GPU must be >= 0.0"),
+    (_set("pools.decode.resources_per_rank.gpu", 1), "pools.decode.resources_per_rank.gpu is not a resources"),
+    (_set("pools.decode.resources_per_rank.memory", "lots"), "pools.decode.resources_per_rank.memory must be"),
+    (_set("pools.decode.replica", 1), "pools.decode.replica is not a pool field (did you mean 'replicas'?)"),
+    (_set("pools.prefill", DELETE), "pools.prefill is required with pools.decode"),
+    (_set("pools.mixed", {}), "pools.mixed is not a pool role; known: unified, prefill, decode"),
+    (_set("pools", {}), "pools must name at least one of"),
+    (_set("pools", []), "pools must be a mapping, got list"),
+    (_set("name", "Bad_Name"), "name must be a DNS-1123 label"),
+    (_set("model", ""), "model must be a non-empty string"),
+    (_set("model", DELETE), "model is required"),
+    (_set("naem", "x"), "naem is not a deployment field (did you mean 'name'?)"),
+    (_set("router.port", 70000), "router.port must be <= 65535, got 70000"),
+    (_set("router.replicas", 0), "router.replicas must be >= 1, got 0"),
+    (_set("router.policy", "random"), "router.policy must be one of ['least_load', 'prefix_aware'"),
+    (_set("etcd.endpoints", "etcd-0"), "etcd.endpoints is invalid: etcd endpoint 'etcd-0' must be host:port"),
+    (_set("etcd.endpoints", 2379), "etcd.endpoints must be 'host:port[,host:port]' or a list"),
+    (_set("etcd.prefix", "shoal/"), "etcd.prefix must look like '/shoal'"),
+    (_set("autoscaling.decode.min_replicas", 3), "pools.decode.replicas must be within autoscaling [3, 8], got 2"),
+    (_set("autoscaling.decode.max_replicas", DELETE), "autoscaling.decode.max_replicas is required"),
+    (_set("autoscaling.decode.max_replicas", 0), "autoscaling.decode.max_replicas must be >= 1, got 0"),
+    (_set("autoscaling.decode.metric", "qps"), "autoscaling.decode.metric must be one of ['kv_usage'"),
+    (_set("autoscaling.decode.target", 1.5), "autoscaling.decode.target must be in (0, 1] for metric kv_usage"),
+    (_set("autoscaling.unified", {"max_replicas": 2}), "autoscaling.unified names no pool"),
+]
+
+
+@pytest.mark.parametrize("mutate,message", BAD, ids=[m for _, m in BAD])
+def test_a_bad_field_is_named_by_its_path(example, mutate, message):
+    data = copy.deepcopy(example.to_dict())
+    mutate(data)
+    with pytest.raises(SpecError) as err:
+        DeploymentSpec.from_dict(data)
+    assert str(err.value).startswith(message), str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_direct_construction_validates_and_is_frozen():
+    with pytest.raises(SpecError, match=r"^replicas must be >= 0, got -1$"):
+        PoolSpec(replicas=-1)
+    with pytest.raises(SpecError, match="max_replicas must be >= 3"):
+        PoolAutoscaling(min_replicas=3, max_replicas=2)
+    pool = PoolSpec(engine={"block_size": 32})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pool.replicas = 3
+    with pytest.raises(TypeError):
+        pool.engine["block_size"] = 8  # the engine options are read-only too
+    with pytest.raises(SpecError, match="pools.unified must be a PoolSpec"):
+        DeploymentSpec(name="x", model="m", pools={"unified": {"replicas": 1}})
+
+
+def test_memory_quantities():
+    assert parse_memory("16Gi") == 16 * 2**30 and parse_memory("512Mi") == 512 * 2**20
+    assert parse_memory("8G") == 8 * 10**9 and parse_memory("1.5Ki") == 1536 and parse_memory(1024) == 1024
+    for bad in ("16 GiB", "-1", -1, 1.5):
+        with pytest.raises(SpecError, match="memory"):
+            parse_memory(bad)
+
+
+def test_engine_fields_match_engine_config():
+    """The torch-free table read from the source agrees with the real dataclass, defaults included."""
+    real = {f.name: f.default if f.default is not dataclasses.MISSING else ...
+            for f in dataclasses.fields(EngineConfig)}
+    assert dict(engine_fields()) == real
+
+
+def test_engine_config_builds_the_real_config_with_its_value_checks(example):
+    config = example.pools["decode"].engine_config(example.model)
+    assert isinstance(config, EngineConfig)
+    assert (config.model, config.block_size, config.max_num_seqs, config.kv_events) == ("smollm2-135m", 16, 256, True)
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        PoolSpec(engine={"block_size": 3}).engine_config("m")  # names are checked on load, values here
+
+
+def test_load_spec_names_the_file_and_refuses_other_suffixes(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: m\npools: {decode: {replicas: 1}}\n")
+    with pytest.raises(SpecError, match=r"pools.prefill is required .*\(in .*bad.yaml\)"):
+        load_spec(bad)
+    toml = tmp_path / "spec.toml"
+    toml.write_text("")
+    with pytest.raises(ValueError, match="must end in .yaml, .yml or .json"):
+        load_spec(toml)
+
+
+def test_the_spec_module_does_not_import_torch():
+    code = ("import sys, shoal.cluster.spec as s; s.load_spec(sys.argv[1]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code, str(EXAMPLE)], check=True, timeout=60)
