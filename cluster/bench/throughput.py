@@ -57,6 +57,23 @@ def run_shoal(llm, workload, temperature: float = 1.0) -> dict:
             "profile": profile}
 
 
+def profile_kernels(llm, workload, top: int = 25) -> list[dict]:
+    """GPU time per kernel over one run of ``workload`` (torch profiler), most expensive first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_shoal(llm, workload)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) or 1
+    rows = sorted(({"kernel": e.key[:90], "calls": e.count, "gpu_ms": e.self_device_time_total / 1e3,
+                    "pct": 100 * e.self_device_time_total / total} for e in events),
+                  key=lambda r: -r["gpu_ms"])[:top]
+    print(format_table(rows, ["kernel", "calls", "gpu_ms", "pct"], title="GPU time by kernel"))
+    return rows
+
+
 def step_profile(engine) -> dict:
     """Where the engine's time went so far: the core's step parts and the runner's breakdown."""
     core, runner = engine.core.times, engine.runner.times
@@ -113,6 +130,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=None, help="default: 256 for (a), 1000 for (b)")
     p.add_argument("--hf-subset", type=int, default=64, help="prompts HF runs (0: skip HF)")
     p.add_argument("--hf-output-len", type=int, default=128, help="fixed output length of the HF comparison")
+    p.add_argument("--profile-kernels", type=int, default=0, metavar="N",
+                   help="also run N prompts under the torch profiler and print the top GPU kernels")
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring bandwidth / matmul peak")
     p.add_argument("--result-file", default=None, help="write the results as JSON here")
     add_engine_args(p)
@@ -141,6 +160,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
     payload["mean_output_len"] = sum(o for _, o in work) / n
     run_shoal(llm, work[: min(16, n)])  # warm up: kernels compiled, graphs and allocator settled
     rows = [{"run": f"full ({n} prompts)", **run_shoal(llm, work)}]
+    if args.profile_kernels:
+        payload["kernel_profile"] = profile_kernels(llm, work[: args.profile_kernels])
     if args.hf_subset > 0:
         subset = [(p, args.hf_output_len) for p, _ in work[: args.hf_subset]]
         rows.append({"run": f"subset ({len(subset)} x {args.hf_output_len} out)", **run_shoal(llm, subset)})
