@@ -85,7 +85,6 @@ class LLM:
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+            for out in self.engine.step(finished_only=True):
+                done[out.request_id] = out
         return [done[i] for i in ids]

@@ -37,8 +37,15 @@ class LLMEngine:
         dtype = resolve_dtype(config.dtype, device)
         source = resolve_model(config.model)
         self.tokenizer = self._load_tokenizer(config, source)
-        self.model = load_model(source, dtype=dtype, device=device, ops=kernel_ops(config.kernel_set),
-                                load_format=config.load_format, seed=config.seed)
+        self.tp = None  # tensor_parallel_size > 1: the multi-process executor; self.model is rank 0's shard
+        if config.tensor_parallel_size > 1:
+            from .executor.tp_group import MultiprocTPExecutor
+
+            self.tp = MultiprocTPExecutor(config, source)
+            self.model = self.tp.model
+        else:
+            self.model = load_model(source, dtype=dtype, device=device, ops=kernel_ops(config.kernel_set),
+                                    load_format=config.load_format, seed=config.seed)
         mcfg = self.model.config
         self.model_config = mcfg
         self.max_model_len = config.max_model_len or min(
@@ -62,10 +69,14 @@ class LLMEngine:
             policy=config.scheduling_policy)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                        record_events=config.kv_events)
-        kv = allocate_kv_caches(self.model, num_blocks, config.block_size, dtype, device)
-        self.runner = ModelRunner(self.model, kv, runner_cfg, device)
+        if self.tp is not None:
+            self.tp.init_runners(runner_cfg, num_blocks)
+            self.runner = self.tp.runner
+        else:
+            kv = allocate_kv_caches(self.model, num_blocks, config.block_size, dtype, device)
+            self.runner = ModelRunner(self.model, kv, runner_cfg, device)
         self.scheduler = Scheduler(sched_cfg, self.kv_cache)
-        self.core = EngineCore(self.scheduler, self.runner)
+        self.core = EngineCore(self.scheduler, self.tp or self.runner)
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
@@ -83,12 +94,15 @@ class LLMEngine:
     def _fit_num_blocks(self, device: torch.device, dtype: torch.dtype, runner_cfg: RunnerConfig) -> int:
         per_block = kv_bytes_per_block(self.model, self.config.block_size, dtype)
         if device.type == "cuda":
-            # One largest eager step over a one-block cache measures weights + activations + sampler.
-            probe = ModelRunner(self.model, allocate_kv_caches(self.model, 1, self.config.block_size, dtype,
-                                                               device), replace(runner_cfg, cuda_graphs=False),
-                                device)
-            peak = probe.profile_peak_memory()
-            del probe
+            if self.tp is not None:
+                peak = self.tp.profile_peak_memory(runner_cfg)  # every rank probes: the forward has collectives
+            else:
+                # One largest eager step over a one-block cache measures weights + activations + sampler.
+                probe = ModelRunner(self.model, allocate_kv_caches(self.model, 1, self.config.block_size,
+                                                                   dtype, device),
+                                    replace(runner_cfg, cuda_graphs=False), device)
+                peak = probe.profile_peak_memory()
+                del probe
             torch.cuda.empty_cache()
             _, total = torch.cuda.mem_get_info(device)
             graphs_reserve = 512 << 20  # CUDA graph pools and allocator slack
@@ -150,8 +164,14 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
 
-    def step(self) -> list[RequestOutput]:
-        results, stopped = self.outputs.process(self.core.step())
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; a TP=1 engine holds nothing to stop)."""
+        if self.tp is not None:
+            self.tp.shutdown()
+
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One engine step; the requests it changed (``finished_only``: those it finished)."""
+        results, stopped = self.outputs.process(self.core.step(), finished_only)
         for child_id, _ in stopped:
             self.core.finish_requests([child_id], RequestStatus.FINISHED_STOPPED)
         return results

@@ -143,6 +143,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
 
     from shoal.cluster.cli import engine_kwargs
     from shoal.workers import LLM
+    from shoal.workers.models.fusion import hf_state_dict
     from shoal.workers.models.loader import resolve_model
 
     from . import ceilings
@@ -166,7 +167,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
         subset = [(p, args.hf_output_len) for p, _ in work[: args.hf_subset]]
         rows.append({"run": f"subset ({len(subset)} x {args.hf_output_len} out)", **run_shoal(llm, subset)})
         # Free the engine (and its KV cache) before HF loads the same weights.
-        state = {k: v.cpu() for k, v in llm.engine.model.state_dict().items()}
+        state = {k: v.cpu() for k, v in hf_state_dict(llm.engine.model).items()}
         dtype = next(llm.engine.model.parameters()).dtype
         device = str(llm.engine.config.torch_device)
         hf_cfg = dict(resolve_model(args.model).hf_config)

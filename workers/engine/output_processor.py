@@ -59,8 +59,10 @@ class OutputProcessor:
         parent = self._parents.get(request_id)
         return [] if parent is None else list(parent.children)
 
-    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[tuple[str, str]]]:
-        """Returns the updated requests and the (child id, stop string) pairs the engine must stop."""
+    def process(self, outputs: list[EngineCoreOutput], finished_only: bool = False,
+                ) -> tuple[list[RequestOutput], list[tuple[str, str]]]:
+        """Returns the updated requests (only the finished ones with ``finished_only``) and the
+        (child id, stop string) pairs the engine must stop."""
         touched: dict[str, _Parent] = {}
         stopped: list[tuple[str, str]] = []
         for out in outputs:
@@ -81,7 +83,8 @@ class OutputProcessor:
                     child.finish_reason, child.stop_reason = "stop", hit
                     stopped.append((out.request_id, hit))
             touched[pid] = parent
-        return [self._request_output(p) for p in touched.values()], stopped
+        parents = [p for p in touched.values() if p.finished] if finished_only else touched.values()
+        return [self._request_output(p) for p in parents], stopped
 
     def abort(self, request_id: str) -> list[str]:
         """Forget a request; returns its children's ids for the engine to abort."""

@@ -67,7 +67,7 @@ def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int
                        dtype: torch.dtype, device: torch.device) -> list[KVCache]:
     cfg = model.config
     # The head count of the weights (not the config) so a tensor-parallel shard sizes its own cache.
-    num_kv_heads = model.model.layers[0].self_attn.k_proj.out_features // cfg.head_dim
+    num_kv_heads = model.model.layers[0].self_attn.num_local_kv_heads
     shape = (num_blocks, block_size, num_kv_heads, cfg.head_dim)
     return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_hidden_layers)]
@@ -75,7 +75,7 @@ def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int
 
 def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
     cfg = model.config
-    num_kv_heads = model.model.layers[0].self_attn.k_proj.out_features // cfg.head_dim
+    num_kv_heads = model.model.layers[0].self_attn.num_local_kv_heads
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * block_size * num_kv_heads * cfg.head_dim * elem
 

@@ -50,14 +50,29 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops)
         else:
             self.q_norm = self.k_norm = None
+        # Set by fusion.fuse_projections: one GEMM for q, k and v, split by these widths.
+        self.qkv_proj: nn.Linear | None = None
+        self.qkv_split: tuple[int, int, int] = ()
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.qkv_proj(x).split(self.qkv_split, dim=-1)  # views; the kernels take strides
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        """KV heads this module computes (fewer than the config's on a tensor-parallel shard)."""
+        width = self.qkv_split[1] if self.qkv_proj is not None else self.k_proj.out_features
+        return width // self.head_dim
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, cos_sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         # The head counts come from the weights, so a tensor-parallel shard needs no other change.
-        q = self.q_proj(x).view(n, -1, self.head_dim)  # [num_tokens, num_heads, head_dim]
-        k = self.k_proj(x).view(n, -1, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-        v = self.v_proj(x).view(n, -1, self.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = q.view(n, -1, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(n, -1, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        v = v.view(n, -1, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
@@ -77,9 +92,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.ops = ops
+        self.gate_up_proj: nn.Linear | None = None  # set by fusion.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)
+        if self.gate_up_proj is not None:
+            gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
+        else:
+            gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)
         return self.down_proj(self.ops.silu_and_mul(gate_up))
 
 

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from .config import ModelConfig
+from .fusion import fuse_projections
 from .llama import LlamaForCausalLM
 from .ops import KernelOps
 from .presets import PRESETS
@@ -146,5 +147,6 @@ def load_model(source: ModelSource, *, dtype: torch.dtype, device: torch.device,
         model.load_weights(source.gguf.weights(dtype))
     else:
         model.load_weights(iter_safetensors(source.path, dtype))
+    fuse_projections(model)
     return model.eval()
 
