@@ -219,6 +219,10 @@ class ModelRunner:
 
     @staticmethod
     def _sampling_row(state: CachedRequestState) -> SamplingRow:
-        return SamplingRow(params=state.params, prompt_token_ids=state.token_ids[: state.num_prompt_tokens],
-                           output_token_ids=state.output_token_ids, generator=state.generator,
-                           eos_token_ids=state.eos_token_ids)
+        # Slicing a long prompt for every row of every step costs real time; only penalties read it.
+        p = state.params
+        penalties = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        prompt = state.token_ids[: state.num_prompt_tokens] if penalties else ()
+        output = state.output_token_ids if penalties or p.min_tokens else ()
+        return SamplingRow(params=p, prompt_token_ids=prompt, output_token_ids=output,
+                           generator=state.generator, eos_token_ids=state.eos_token_ids)
