@@ -76,8 +76,8 @@ def paged_attention(
         k = k.transpose(0, 1).repeat_interleave(group, dim=0)
         v = v.transpose(0, 1).repeat_interleave(group, dim=0)
         # query i sits at position seq_len - q_len + i and sees keys 0 ..= that position
-        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
-        mask = torch.arange(seq_len).unsqueeze(0) <= q_pos  # [q_len, seq_len]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+        mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [q_len, seq_len]
         o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
         out[q_start:q_end] = o.transpose(0, 1).to(q.dtype)
     return out

@@ -15,6 +15,9 @@ import torch  # noqa: E402
 from tiny_models import TINY_ARCHS, make_tiny_checkpoint  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported: without a GPU its kernels run interpreted.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (GPU only)
     kv_events: bool = False  # record cached-block changes for subscribers (the router's prefix index)
+    tensor_parallel_size: int = 1  # > 1: this many ranks (processes; cuda:0..N-1 on GPU), rank 0 here
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -60,6 +61,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         resolve_dtype(self.dtype, torch.device("cpu"))
 
     @property

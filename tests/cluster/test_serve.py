@@ -33,8 +33,9 @@ def start_serve(*extra: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError("shoal serve did not become ready:\n" + "".join(lines))
 
 
-def worker_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"shoal.workers.server.*--worker-id worker-"],
+def worker_pids(parent: subprocess.Popen) -> list[int]:
+    """The worker processes this ``shoal serve`` started (not other servers on the machine)."""
+    out = subprocess.run(["pgrep", "-P", str(parent.pid), "-f", "shoal.workers.server"],
                          capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
 
@@ -73,7 +74,7 @@ def test_openai_client_chat_and_stream(served):
 
 def test_sigterm_stops_router_and_workers(served):
     proc, _ = served
-    pids = worker_pids()
+    pids = worker_pids(proc)
     assert len(pids) >= 2
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
@@ -82,7 +83,8 @@ def test_sigterm_stops_router_and_workers(served):
 
 def test_workers_die_with_a_killed_parent():
     proc, _ = start_serve("--workers", "1")
-    pids = worker_pids()
+    pids = worker_pids(proc)
+    assert len(pids) == 1
     proc.kill()  # no cleanup code runs in the parent
     proc.wait()
     assert wait_gone(pids, 30)

@@ -2,7 +2,9 @@
 
 ``apply_tensor_parallel`` swaps modules in place; the model file stays free of distributed code:
 
-- q/k/v and gate/up are column-parallel (each rank holds a slice of the output features, no comm);
+- q/k/v and gate/up are column-parallel: each rank holds a slice of the output features and needs no
+  communication, so the shard is a plain ``nn.Linear`` and ``fusion.fuse_projections`` still fuses
+  it (a fused model is sharded part by part: its q/k/v or gate/up slices are stacked again);
 - o_proj and down_proj are row-parallel (a slice of the input features, then an all-reduce of the
   output; a bias is added once, after the reduce);
 - the embedding is vocab-parallel (a slice of the rows; ids outside it give zero rows; all-reduce);
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.workers.models.config import ModelConfig
+from shoal.workers.models.fusion import fuse_projections
 from shoal.workers.models.llama import LlamaForCausalLM
 from shoal.workers.models.loader import ModelSource, _default_dtype, safetensors_files
 from shoal.workers.models.ops import KernelOps
@@ -132,8 +135,17 @@ def shard_tensor(layout: TPLayout, name: str, tensor: torch.Tensor) -> torch.Ten
 # -- the parallel modules ----------------------------------------------------------------------------
 
 
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain ``nn.Linear`` around existing tensors (nothing allocated, nothing initialised)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
 class _ShardLinear(nn.Module):
-    """A linear layer over one shard; ``in/out_features`` are the shard's (the KV cache sizes from them)."""
+    """A linear layer over one shard; ``in/out_features`` are the shard's."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: ProcessGroup):
         super().__init__()
@@ -144,13 +156,6 @@ class _ShardLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-class ColumnParallelLinear(_ShardLinear):
-    """Output features split across ranks: each rank computes its slice, nothing to communicate."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(_ShardLinear):
@@ -204,10 +209,50 @@ class ParallelLMHead(_ShardLinear):
 # -- the transform -----------------------------------------------------------------------------------
 
 
-def _sharded(layout: TPLayout, prefix: str, linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = shard_tensor(layout, f"{prefix}.weight", linear.weight.detach())
-    bias = None if linear.bias is None else shard_tensor(layout, f"{prefix}.bias", linear.bias.detach())
-    return weight, bias
+def _column_parallel(layout: TPLayout, linear: nn.Linear, names: list[str], widths: list[int]) -> nn.Linear:
+    """The shard of a column-parallel layer: a plain ``nn.Linear``, since it needs no communication.
+
+    ``names``/``widths``: the HF layers stacked in ``linear`` (one, or q/k/v or gate/up once fused);
+    each is sliced by its own rule and the slices stacked again, so a fused layer stays fused.
+    """
+    def shard(tensor: torch.Tensor, kind: str) -> torch.Tensor:
+        parts = tensor.detach().split(widths, dim=0)
+        shards = [shard_tensor(layout, f"{n}.{kind}", t) for n, t in zip(names, parts)]
+        return shards[0] if len(shards) == 1 else torch.cat(shards, dim=0)
+
+    return _linear(shard(linear.weight, "weight"), None if linear.bias is None else shard(linear.bias, "bias"))
+
+
+def _row_parallel(layout: TPLayout, linear: nn.Linear, name: str, group: ProcessGroup) -> RowParallelLinear:
+    weight = shard_tensor(layout, f"{name}.weight", linear.weight.detach())
+    return RowParallelLinear(weight, None if linear.bias is None else linear.bias.detach(), group)
+
+
+def _shard_columns(layout: TPLayout, module: nn.Module, fused_attr: str, parts: tuple[str, ...], prefix: str,
+                   fused_widths: tuple[int, ...]) -> tuple[int, ...]:
+    """Column-shard q/k/v or gate/up, fused into one layer or not; returns the parts' shard widths."""
+    names = [f"{prefix}.{part}" for part in parts]
+    fused = getattr(module, fused_attr)
+    if fused is not None:
+        setattr(module, fused_attr, _column_parallel(layout, fused, names, list(fused_widths)))
+    else:
+        for part, name in zip(parts, names):
+            linear = getattr(module, part)
+            setattr(module, part, _column_parallel(layout, linear, [name], [linear.out_features]))
+    return tuple(shard_rule(layout, f"{name}.weight")[2] for name in names)
+
+
+def _shard_layer(layout: TPLayout, layer: nn.Module, prefix: str, group: ProcessGroup) -> None:
+    attn, mlp = layer.self_attn, layer.mlp
+    split = _shard_columns(layout, attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"), f"{prefix}.self_attn",
+                           attn.qkv_split)
+    if attn.qkv_proj is not None:  # fused at load (fusion.fuse_projections)
+        attn.qkv_split = split
+    attn.o_proj = _row_parallel(layout, attn.o_proj, f"{prefix}.self_attn.o_proj", group)
+    attn.num_heads, attn.num_kv_heads = layout.num_q_heads, layout.num_kv_heads
+    half = mlp.gate_up_proj.out_features // 2 if mlp.gate_up_proj is not None else 0
+    _shard_columns(layout, mlp, "gate_up_proj", ("gate_proj", "up_proj"), f"{prefix}.mlp", (half, half))
+    mlp.down_proj = _row_parallel(layout, mlp.down_proj, f"{prefix}.mlp.down_proj", group)
 
 
 def apply_tensor_parallel(model: LlamaForCausalLM, rank: int, world_size: int,
@@ -222,16 +267,7 @@ def apply_tensor_parallel(model: LlamaForCausalLM, rank: int, world_size: int,
     if world_size == 1:
         return model
     for i, layer in enumerate(model.model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        for name in ("q_proj", "k_proj", "v_proj"):
-            setattr(attn, name, ColumnParallelLinear(*_sharded(layout, f"model.layers.{i}.self_attn.{name}",
-                                                               getattr(attn, name)), group))
-        attn.o_proj = RowParallelLinear(*_sharded(layout, f"model.layers.{i}.self_attn.o_proj", attn.o_proj), group)
-        attn.num_heads, attn.num_kv_heads = layout.num_q_heads, layout.num_kv_heads
-        for name in ("gate_proj", "up_proj"):
-            setattr(mlp, name, ColumnParallelLinear(*_sharded(layout, f"model.layers.{i}.mlp.{name}",
-                                                              getattr(mlp, name)), group))
-        mlp.down_proj = RowParallelLinear(*_sharded(layout, f"model.layers.{i}.mlp.down_proj", mlp.down_proj), group)
+        _shard_layer(layout, layer, f"model.layers.{i}", group)
     embed = VocabParallelEmbedding(
         shard_tensor(layout, "model.embed_tokens.weight", model.model.embed_tokens.weight.detach()),
         layout.vocab_start, group)
@@ -318,4 +354,5 @@ def load_model_shard(source: ModelSource, *, dtype: torch.dtype, device: torch.d
     else:
         weights = iter_safetensors_shard(source.path, dtype, layout)
     model.load_weights(weights)
+    fuse_projections(model)  # as loader.load_model does, on the shard
     return model.eval()

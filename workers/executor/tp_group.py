@@ -28,6 +28,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (see below)
 import torch.multiprocessing as mp
 
 from shoal.workers.config import EngineConfig, resolve_dtype
@@ -41,6 +42,11 @@ from .sampler import Sampler, make_generator
 from .tensor_parallel import load_model_shard, tp_layout
 
 log = logging.getLogger(__name__)
+
+# torch.distributed.nn binds ``group.WORLD`` as a default argument when first imported, and torch
+# imports it lazily (through torch._dynamo, e.g. on the first meta-device op of a shard build). Imported
+# while our group exists it would pin the group, and the rendezvous port, for the life of the process;
+# imported above, before any group exists, it binds nothing.
 
 CONTROL_TIMEOUT = timedelta(days=365)  # a worker waits for rank 0's next call however long it idles
 _KEY = "shoal/tp"  # prefix of the rendezvous store keys: ready/<rank>, error/<rank>, diverged/<rank>
@@ -114,7 +120,7 @@ class TPRank:
         self.num_diverged = 0  # tokens where this rank's sampler disagreed with rank 0's
 
     def profile_peak_memory(self, runner_cfg: RunnerConfig) -> int:
-        """Peak bytes of one largest step, the max over ranks (CUDA only; the probe's forward has collectives)."""
+        """Peak bytes of one largest step, max over ranks (CUDA only; every rank probes: collectives)."""
         kv = allocate_kv_caches(self.model, 1, runner_cfg.block_size, self.dtype, self.device)
         probe = ModelRunner(self.model, kv, replace(runner_cfg, cuda_graphs=False), self.device)
         peak = probe.profile_peak_memory()
@@ -206,6 +212,7 @@ class MultiprocTPExecutor:
                                "one tensor-parallel engine per process")
         self.world_size = ws
         self._failure: str | None = None
+        self._rank0_fault = False  # the failure was rank 0's own exception, no worker reported anything
         self._last_sampled: dict[str, int] = {}
         self.group: TPGroup | None = None
         self.rank: TPRank | None = None
@@ -215,17 +222,7 @@ class MultiprocTPExecutor:
         self.port = self._store.port  # port 0: the OS picks a free one, no race with other groups
         rdv = Rendezvous("127.0.0.1", self.port, ws, "nccl" if device.type == "cuda" else "gloo",
                          collective_timeout_s)
-        ctx = mp.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // ws)
-        # Each rank gets its share of the cores: oversubscribed OpenMP threads spinning in one rank
-        # starve the others at every all-reduce (steps then take 10x longer on a 2-core machine).
-        self._saved_threads = torch.get_num_threads() if device.type == "cpu" else None
-        if self._saved_threads is not None:
-            torch.set_num_threads(threads)
-        self.processes = [ctx.Process(target=_spawned_worker, args=(config, r, rdv, threads), daemon=True,
-                                      name=f"shoal-tp-rank{r}") for r in range(1, ws)]
-        for p in self.processes:
-            p.start()
+        self.processes = self._spawn_workers(config, rdv)
         # Cleans up if this object is dropped without shutdown() (or at interpreter exit).
         self._finalizer = weakref.finalize(self, _abandon, list(self.processes))
         try:
@@ -235,7 +232,23 @@ class MultiprocTPExecutor:
         except BaseException as exc:
             err = self._fail(exc)
             self.shutdown()
+            if self._rank0_fault:
+                raise  # rank 0's own error (a bad checkpoint, say) as it was raised
             raise err from exc
+
+    def _spawn_workers(self, config: EngineConfig, rdv: Rendezvous) -> list:
+        threads = max(1, (os.cpu_count() or 1) // rdv.world_size)
+        # Each rank gets its share of the cores: oversubscribed OpenMP threads spinning in one rank
+        # starve the others at every all-reduce (steps then take 10x longer on a 2-core machine).
+        self._saved_threads = torch.get_num_threads() if rdv.backend == "gloo" else None
+        if self._saved_threads is not None:
+            torch.set_num_threads(threads)
+        ctx = mp.get_context("spawn")
+        processes = [ctx.Process(target=_spawned_worker, args=(config, r, rdv, threads), daemon=True,
+                                 name=f"shoal-tp-rank{r}") for r in range(1, rdv.world_size)]
+        for p in processes:
+            p.start()
+        return processes
 
     @property
     def model(self):
@@ -297,6 +310,7 @@ class MultiprocTPExecutor:
             if exc is None or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
+        self._rank0_fault = not reasons
         if not reasons:
             reasons.append(f"rank 0 failed: {type(exc).__name__}: {exc}")
         self._failure = "; ".join(reasons)
@@ -309,12 +323,12 @@ class MultiprocTPExecutor:
         if self._failure is None and self.group is not None:
             try:
                 self.group.broadcast(None)
+                deadline = time.monotonic() + timeout_s
+                for p in self.processes:
+                    p.join(max(0.0, deadline - time.monotonic()))
             except Exception:
                 pass
-        deadline = time.monotonic() + timeout_s
-        for p in self.processes:
-            p.join(max(0.0, deadline - time.monotonic()))
-        _reap(self.processes)
+        _reap(self.processes)  # after a failure, workers may be stuck in a collective: no point waiting
         for r in range(1, self.world_size):
             key = f"{_KEY}/diverged/{r}"
             if self._store.check([key]):

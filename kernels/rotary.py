@@ -1,0 +1,98 @@
+"""Neox-style rotary position embedding for q and k (Triton).
+
+Same contract as :func:`reference.rotary_embedding`: ``cos_sin_cache[pos]`` holds ``cos`` in its
+first half and ``sin`` in its second; the two halves of every head rotate together; the rotation is
+computed in fp32 and rounded to the input dtype. Any frequency scaling (llama3, yarn, ...) is already
+baked into the cache by the model, so the kernel only reads it. Returns new tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` rounding to nearest even. The interpreter truncates fp32 -> bf16, so bf16 is
+    rounded on the bits first (then the cast is exact): interpreter and GPU agree bit for bit."""
+    if dtype == tl.bfloat16 and x.dtype != tl.bfloat16:
+        b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _rotate_heads(src_ptr, dst_ptr, stride_t, stride_h, stride_d, t, cos, sin, num_heads,
+                  HALF: tl.constexpr, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+    # src: [num_tokens, num_heads, 2 * HALF] strided; dst: the same shape, contiguous
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, HALF_PAD)[None, :]
+    mask = (h < num_heads) & (d < HALF)
+    src = src_ptr + t * stride_t + h * stride_h + d * stride_d
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF * stride_d, mask=mask, other=0.0).to(tl.float32)
+    dst = dst_ptr + t * num_heads * 2 * HALF + h * 2 * HALF + d
+    ty = dst_ptr.dtype.element_ty
+    tl.store(dst, _cast(x1 * cos - x2 * sin, ty), mask=mask)
+    tl.store(dst + HALF, _cast(x2 * cos + x1 * sin, ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    pos_ptr,  # [num_tokens]
+    q_ptr, k_ptr,  # [num_tokens, heads, head_dim] strided
+    q_out_ptr, k_out_ptr,  # contiguous
+    cache_ptr,  # [max_position, head_dim]
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_cache,
+    num_heads, num_kv_heads,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, HALF_PAD)[None, :]
+    cos = tl.load(cache_ptr + pos * stride_cache + d, mask=d < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * stride_cache + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr, q_out_ptr, stride_qt, stride_qh, stride_qd, t, cos, sin, num_heads,
+                  HALF, Q_HEADS_PAD, HALF_PAD)
+    _rotate_heads(k_ptr, k_out_ptr, stride_kt, stride_kh, stride_kd, t, cos, sin, num_kv_heads,
+                  HALF, K_HEADS_PAD, HALF_PAD)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens] int
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos in the first half, sin in the second
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding (the halves of each head rotate together), as HF Llama does."""
+    num_tokens, num_heads, head_dim = q.shape
+    if k.dim() != 3 or k.shape[0] != num_tokens or k.shape[2] != head_dim:
+        raise ValueError(
+            f"k must be [num_tokens={num_tokens}, num_kv_heads, head_dim={head_dim}], got {tuple(k.shape)}"
+        )
+    if positions.shape != (num_tokens,):
+        raise ValueError(f"positions must be [num_tokens={num_tokens}], got {tuple(positions.shape)}")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim or head_dim % 2:
+        raise ValueError(
+            f"cos_sin_cache must be [max_position, head_dim={head_dim}] with an even head_dim, "
+            f"got {tuple(cos_sin_cache.shape)}"
+        )
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if num_tokens == 0:
+        return q_out, k_out
+    cache = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
+    half = head_dim // 2
+    _rotary_kernel[(num_tokens,)](
+        positions, q, k, q_out, k_out, cache,
+        *q.stride(), *k.stride(), cache.stride(0),
+        num_heads, k.shape[1],
+        HALF=half, HALF_PAD=triton.next_power_of_2(half),
+        Q_HEADS_PAD=triton.next_power_of_2(num_heads), K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
+    )
+    return q_out, k_out
