@@ -10,7 +10,7 @@ which is where the official client's ``extra_body`` puts them.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -69,7 +69,13 @@ class StreamOptions(_Request):
 
 
 class _SamplingRequest(_Request):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions.
+
+    The two name some things differently (``logprobs`` is a count in one and a flag in the other):
+    ``requested_logprobs`` / ``requested_max_tokens`` give the values, ``*_field`` the names errors use.
+    """
+
+    logprobs_field: ClassVar[str]
 
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
@@ -126,7 +132,19 @@ class _SamplingRequest(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def _sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    @property
+    def requested_logprobs(self) -> int | None:
+        raise NotImplementedError
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def max_tokens_field(self) -> str:
+        return "max_tokens"
+
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         """One child's params (n = 1); the router fans out and offsets the seed per child."""
         return SamplingParams(
             n=1,
@@ -144,7 +162,7 @@ class _SamplingRequest(_Request):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
+            logprobs=self.requested_logprobs,
             skip_special_tokens=self.skip_special_tokens,
         )
 
@@ -154,6 +172,7 @@ class CompletionRequest(_SamplingRequest):
     # errors would name four branches instead of the field).
     prompt: Any
     logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs_field: ClassVar[str] = "logprobs"
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -202,8 +221,9 @@ class CompletionRequest(_SamplingRequest):
             return [list(p)]
         return list(p)
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        return self._sampling(max_tokens, self.logprobs)
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatContentPart(_Request):
@@ -239,6 +259,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs_field: ClassVar[str] = "top_logprobs"
     tools: list[dict] | None = None
     tool_choice: Any = None
     response_format: dict | None = None
@@ -260,11 +281,16 @@ class ChatCompletionRequest(_SamplingRequest):
         return self
 
     @property
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+    @property
+    def max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
 
 class TokenizeRequest(_Request):

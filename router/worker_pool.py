@@ -278,7 +278,7 @@ class WorkerPool:
                 log.info("worker %s: KV event subscription failed (%s: %s), retrying in %.1fs", wid,
                          type(e).__name__, e, delay)
             finally:
-                await _aclose(stream)
+                await aclose_quietly(stream, "a KV event stream")
             await self._sleep(delay)
             delay = min(delay * 2, self.kv_retry_max_s)
 
@@ -356,7 +356,8 @@ def make_pool(config: RouterConfig, **pool_options) -> WorkerPool:
     return WorkerPool(policy, **pool_options)
 
 
-async def _aclose(stream) -> None:
+async def aclose_quietly(stream, what: str) -> None:
+    """Close a handle's stream (``generate``, ``kv_events``) without letting a dead worker's error out."""
     if stream is None:
         return
     closer = getattr(stream, "aclose", None)
@@ -366,4 +367,4 @@ async def _aclose(stream) -> None:
         elif hasattr(stream, "close"):
             stream.close()
     except Exception:
-        log.debug("closing a KV event stream failed", exc_info=True)
+        log.debug("closing %s failed", what, exc_info=True)

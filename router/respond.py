@@ -1,0 +1,98 @@
+"""One generation request's answer: admit it, start it, and answer as JSON or as a stream.
+
+Whatever ends the request (its last event, an error, the deadline, the client leaving), the
+generation is finished (its children aborted, its metrics recorded) and its concurrency slot freed,
+exactly once. A client that leaves while the request waits for a slot or for its first event is
+noticed at once: uvicorn would otherwise let a queued request or a long prefill run for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from .context import RouterContext
+from .generation import Generation
+from .responses import ResponseBuilder
+from .streaming import SSEResponse, stream_events
+
+T = TypeVar("T")
+
+_CLIENT_GONE = 499  # nobody reads it; the status only reaches the metrics
+
+
+async def respond(request: Request, ctx: RouterContext, gen: Generation, builder: ResponseBuilder, stream: bool,
+                  include_usage: bool) -> Response:
+    """Admit, start, and answer: JSON once all choices end, or SSE from the first event on.
+
+    A stream's headers wait for its first event, so an error before any token (bad request on the
+    worker, every worker failing) is still a proper status code.
+    """
+    try:
+        await unless_disconnected(request, ctx.admission.acquire())
+    except ClientGone:
+        return Response(status_code=_CLIENT_GONE)
+    close = _Once(gen.finish, ctx.admission.release)
+    handed_over = False  # to the SSE response, which then closes
+    try:
+        gen.start()
+        if not stream:
+            return await unless_disconnected(request, _collect(gen, builder))
+        first = await unless_disconnected(request, gen.next_event())
+        if first is not None and first.error is not None:
+            raise first.error
+        handed_over = True
+        return SSEResponse(stream_events(gen, builder, first, include_usage, close), close)
+    except ClientGone:
+        return Response(status_code=_CLIENT_GONE)
+    finally:
+        if not handed_over:
+            close()
+
+
+async def _collect(gen: Generation, builder: ResponseBuilder) -> Response:
+    """Every event, then one JSON body (the first error instead, as its status)."""
+    while (event := await gen.next_event()) is not None:
+        if event.error is not None:
+            raise event.error
+    return JSONResponse(builder.response().model_dump())
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable``; if the client disconnects first, cancel it and raise ``ClientGone``."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise ClientGone()
+    return work.result()
+
+
+class _Once:
+    """Calls its functions, in order, on the first call only."""
+
+    def __init__(self, *fns: Callable[[], None]) -> None:
+        self._fns: tuple[Callable[[], None], ...] | None = fns
+
+    def __call__(self) -> None:
+        fns, self._fns = self._fns, None
+        for fn in fns or ():
+            fn()

@@ -1,0 +1,87 @@
+"""Server-sent events: a generation's events as ``data:`` lines, in a response that notices a client
+going away and always cleans up.
+
+A stream ends with ``data: [DONE]`` however it ends; an error after the first token (a worker
+failing, the deadline) is sent as one ``data: {"error": ...}`` event before it, since the status
+line is long gone.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, AsyncIterator, Callable
+
+import anyio
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from .choice import Event
+from .errors import ApiError
+from .responses import ResponseBuilder
+
+if TYPE_CHECKING:
+    from .generation import Generation
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+async def stream_events(gen: Generation, builder: ResponseBuilder, first: Event | None, include_usage: bool,
+                        close: Callable[[], None]) -> AsyncIterator[str]:
+    """The body of a stream whose ``first`` event has already been taken; ``close`` runs when it ends."""
+    try:
+        for chunk in builder.start_chunks():
+            yield sse(chunk)
+        event = first
+        while event is not None:
+            if event.error is not None:  # after the first token: end the stream with the error
+                yield sse(event.error.body())
+                break
+            yield sse(builder.event_chunk(event))
+            event = await gen.next_event()
+        else:
+            if include_usage:
+                yield sse(builder.usage_chunk())
+    except ApiError as e:  # the deadline
+        yield sse(e.body())
+    finally:
+        close()
+    yield DONE
+
+
+class SSEResponse(StreamingResponse):
+    """A ``text/event-stream`` that always notices a client going away, and always cleans up.
+
+    Starlette listens for ``http.disconnect`` only on servers reporting ASGI spec < 2.4; with 2.4 it
+    waits for a write to fail, which uvicorn's h11 protocol silently drops instead. This listens on
+    any server, and runs ``on_close`` (abort the children, free the concurrency slot) however the
+    response ends, even if the body iterator never started.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client went away mid-write
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+        finally:
+            self._on_close()
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
