@@ -72,8 +72,11 @@ class PrefixAwarePolicy(BasePolicy):
                           and load[wid] > min_load * self.balance_rel_threshold)
             tokens = matched[wid] * self.block_size
             useful = tokens if tokens >= max(self.min_match_tokens, 1) else 0
+            # A prefix no worker holds goes where the cache is emptiest: splitting new prefixes by
+            # load alone lets one worker collect more than its share and evict them again.
+            occupancy = sum(self.index.num_blocks(wid)) if useful == 0 else 0
             tie = hashlib.blake2b(head + wid.encode(), digest_size=8).digest()
-            return (overloaded, -useful, load[wid], tie)
+            return (overloaded, -useful, occupancy, load[wid], tie)
 
         return sorted(ids, key=key)
 

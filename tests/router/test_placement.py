@@ -357,3 +357,15 @@ def test_prefix_aware_choose_is_fast_enough():
     per_call = (time.perf_counter() - start) / 100
     assert ranked[0] in {f"w{w}" for w in range(1, 16, 4)}
     assert per_call < 0.01, per_call
+
+
+def test_prefix_aware_places_a_new_prefix_on_the_emptier_cache():
+    policy = PrefixAwarePolicy(block_size=16, predicted_ttl_s=0)
+    full = tokens(16 * 40, seed=1)
+    policy.on_kv_events("a", KVEventBatch(0, "snapshot", tuple(block_hashes(full, 16))))
+    policy.on_kv_events("b", KVEventBatch(0, "snapshot", ()))
+    new = req(tokens(200, seed=2))
+    # b holds nothing: it gets the unseen prefix even with one more request in flight
+    assert policy.choose(new, [view("a"), view("b", running=1)])[0] == "b"
+    # a prompt that a holds still goes to a
+    assert policy.choose(req(full[:320] + [7]), [view("a", running=1), view("b")])[0] == "a"
