@@ -33,6 +33,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--seed", type=int, default=0, help="seed of dummy weights and unseeded sampling")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks one engine is split over (processes on this machine; gloo on CPU, NCCL on GPU)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -41,7 +43,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, num_kv_blocks=args.num_kv_blocks,
                 kv_cache_memory_gb=args.kv_cache_memory_gb,
                 gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+                max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
+                tensor_parallel_size=args.tensor_parallel_size)
 
 
 def engine_flags(args: argparse.Namespace) -> list[str]:
@@ -59,6 +62,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
     return serve(args)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from .launch import launch
+
+    return launch(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .launch import status
+
+    return status(args)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from .launch import stop
+
+    return stop(args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -113,6 +134,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
 
+    lch = sub.add_parser(
+        "launch", help="start a deployment on a Ray cluster and watch it until Ctrl-C / SIGTERM / shoal stop",
+        description="Start the spec's worker replicas as Ray placement groups + actors, and a router in this "
+                    "process fed by etcd membership; restart dead replicas; stop everything on exit. "
+                    "Works as a Ray job: ray job submit --working-dir . -- shoal launch -f deploy.yaml")
+    lch.add_argument("-f", "--file", required=True, help="deployment spec (.yaml, .yml or .json)")
+    lch.add_argument("--address", default=None, help="Ray address: auto, ray://host:10001 or host:port "
+                                                     "(default: $RAY_ADDRESS, else auto)")
+    lch.add_argument("--etcd", default=None, help="etcd host:port[,host:port] (default: the spec's; an "
+                                                  "embedded etcd when that is the default and none answers)")
+    lch.add_argument("--host", default="0.0.0.0", help="router bind address (default: %(default)s)")
+    lch.add_argument("--port", type=int, default=None, help="router port; 0 picks a free one "
+                                                            "(default: the spec's router.port)")
+    lch.add_argument("--host-ip", default=None, help="this node's IP as others reach it (default: Ray's)")
+    lch.add_argument("--lease-ttl", type=int, default=10, help="worker etcd lease TTL in s (default: %(default)s)")
+    lch.add_argument("--check-interval", type=float, default=1.0, help="seconds between replica checks")
+    lch.add_argument("--start-timeout", type=float, default=600.0, help="seconds a replica may take to start")
+    lch.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+    lch.set_defaults(func=cmd_launch)
+
+    for name, func, help_text in (("status", cmd_status, "list deployments and their workers from etcd"),
+                                  ("stop", cmd_stop, "stop a launched deployment (its shoal launch drains "
+                                                     "and removes it)")):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "stop":
+            p.add_argument("name", help="the deployment's name")
+            p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for it to go")
+        p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd host:port (default: %(default)s)")
+        p.add_argument("--prefix", default="/shoal", help="etcd key prefix (default: %(default)s)")
+        p.set_defaults(func=func)
+
     bench = sub.add_parser("bench", help="benchmarks: each prints a table and writes JSON",
                            description="Benchmarks. Each prints a table, writes --result-file JSON and "
                                        "measures the device ceilings it compares against in the same run.")
@@ -129,6 +181,7 @@ BENCHMARKS = [
     ("latency", "latency", "batch-1 decode step time against the memory roofline"),
     ("kernels", "kernels", "Triton kernels in GB/s and TFLOP/s beside copy bandwidth and matmul peak"),
     ("serve", "serve", "load generator for any OpenAI-compatible server: TTFT, TPOT, ITL, throughput"),
+    ("router", "router", "time the router adds between client and worker, both ways, at concurrency 1"),
 ]
 
 

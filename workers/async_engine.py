@@ -83,6 +83,7 @@ class AsyncEngine:
         self._commands.put(("wake", None))
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self.engine.shutdown()  # tensor-parallel rank processes, if any
 
     def alive(self, max_silence_s: float = 30.0) -> bool:
         """The loop thread runs and has turned recently (a wedged step shows here, not in the server)."""
