@@ -1,7 +1,7 @@
 """From an HTTP request to checked values, refused at the edge with a 4xx naming the field.
 
 The order an endpoint follows: :func:`read_request` (size limit 413, JSON and schema 400) ->
-:func:`check_model` (404) -> :func:`run_tokenizer` (tokenizer and chat-template failures are the caller's:
+:func:`check_model` (400 on ``model``) -> :func:`run_tokenizer` (tokenizer and chat-template failures are the caller's:
 400) -> :func:`check_limits` and :func:`resolve_max_tokens` (the config's and the context length's
 limits) -> :func:`sampling_params` (``SamplingParams``' own checks, 400).
 """
@@ -66,10 +66,13 @@ def _parse(model: type[M], data: Any) -> M:
 
 
 def check_model(ctx: RouterContext, model: str | None) -> str:
-    """The model name to answer with; 404 when the request names one this router does not serve."""
+    """The model name to answer with; 400 on ``model`` when the request names one this router does not serve.
+
+    A bad field of the body, like any other: refused at the edge before anything reaches a worker.
+    """
     names = ctx.model_names()
     if model and names and model not in names:
-        raise ApiError(404, f"The model `{model}` does not exist; this server serves {names}",
+        raise ApiError(400, f"model: the model `{model}` does not exist; this server serves {names}",
                        param="model", code="model_not_found")
     return model or (names[0] if names else "unknown")
 

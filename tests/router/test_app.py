@@ -68,8 +68,23 @@ def tok(smol_tokenizer):
 # -- bad input, limits, overload ------------------------------------------------------------------------
 
 
+class CountingWorker(LocalWorker):
+    """A real ``LocalWorker`` that counts the requests handed to it: proof that nothing reached it."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.generate_calls = 0
+
+    def generate(self, req):
+        self.generate_calls += 1
+        return super().generate(req)
+
+
 def test_bad_requests_get_openai_errors_naming_the_field(serve, tiny, tok):
-    url, _ = serve([tiny], tok, max_n=4, max_body_bytes=64 * 1024, served_model_name="tiny")
+    worker = CountingWorker(tiny)
+    url, _ = serve([worker], tok, max_n=4, max_body_bytes=64 * 1024, served_model_name="tiny")
+    # Nor may the engine's own count of admitted prompt tokens (its scheduler's prefix lookups) move.
+    queries_before = tiny.load().num_prefix_queries
     cases = [
         ("/v1/completions", {"prompt": "hi", "temperature": 3}, "temperature", "2"),
         ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p", "0"),
@@ -92,6 +107,9 @@ def test_bad_requests_get_openai_errors_naming_the_field(serve, tiny, tok):
          "top_logprobs", "logprobs"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages.0.content.0", "text"),
+        ("/v1/completions", {"model": "gpt-5", "prompt": "hi"}, "model", "gpt-5"),
+        ("/v1/chat/completions", {"model": "gpt-5", "messages": [{"role": "user", "content": "x"}]}, "model",
+         "['tiny']"),
     ]
     with httpx.Client(base_url=url, timeout=30) as c:
         for path, body, param, limit in cases:
@@ -106,14 +124,20 @@ def test_bad_requests_get_openai_errors_naming_the_field(serve, tiny, tok):
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
         r = c.post("/v1/completions", json={"model": "gpt-5", "prompt": "hi"})
-        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert r.json()["error"]["code"] == "model_not_found" and "gpt-5" in r.json()["error"]["message"]
 
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x" * (70 * 1024)})
         assert r.status_code == 413 and "65536" in r.json()["error"]["message"]
 
         r = c.get("/v1/nothing-here")
         assert r.status_code == 404 and "error" in r.json()
+    assert worker.generate_calls == 0, "a bad request reached the worker"
+    assert tiny.load().num_prefix_queries == queries_before
     assert not busy(tiny)
+    # The counter does count: a good request reaches the worker once.
+    assert httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1},
+                      timeout=30).status_code == 200
+    assert worker.generate_calls == 1 and tiny.load().num_prefix_queries > queries_before
 
 
 def test_no_worker_means_503_with_retry_after(serve, tok):
@@ -234,6 +258,42 @@ def test_worker_failing_after_the_first_token_ends_the_stream_with_an_error(serv
     assert rest[-1] == "[DONE]"
     err = json.loads(rest[-2])["error"]
     assert err["type"] == "server_error" and "shut down" in err["message"]
+
+
+def test_killing_a_worker_mid_stream_fails_only_its_stream_and_takes_it_out(serve, make_tiny_engine, tok):
+    doomed, survivor = make_tiny_engine("tiny-k-doomed"), make_tiny_engine("tiny-k-survivor")
+    url, app = serve([doomed, survivor], tok, policy="round_robin", poll_interval_s=0.2)
+    pool = app.state.ctx.pool
+    assert wait_until(lambda: all(s.healthy for s in pool.states()))
+    body = {"prompt": "hi", "stream": True, "max_tokens": 120, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "max_tokens": 3000}, timeout=30) as dying, \
+            httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as living:
+        dying_lines, living_lines = dying.iter_lines(), living.iter_lines()
+        assert next(line for line in dying_lines if line.startswith("data: "))
+        assert next(line for line in living_lines if line.startswith("data: "))
+        # Round robin sorts by id: the first stream is on the doomed worker, the second on the survivor.
+        assert busy(doomed) and busy(survivor)
+        doomed.shutdown()  # the worker dies with one stream on it
+        dying_rest = [line[6:] for line in dying_lines if line.startswith("data: ")]
+        living_rest = [line[6:] for line in living_lines if line.startswith("data: ")]
+    assert dying_rest[-1] == "[DONE]" and json.loads(dying_rest[-2])["error"]["type"] == "server_error"
+    # The other stream went on to its natural end, untouched.
+    assert living_rest[-1] == "[DONE]"
+    assert json.loads(living_rest[-2])["choices"][0]["finish_reason"] == "length"
+    assert not any("error" in json.loads(d) for d in living_rest[:-1])
+
+    # The pool takes the dead worker out; from then on every request goes to the survivor, first time.
+    assert wait_until(lambda: not pool.state("tiny-k-doomed").healthy, 5)
+    placed_on_doomed = pool.state("tiny-k-doomed").num_placed
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for i in range(4):
+            r = c.post("/v1/completions", json={"prompt": f"after {i}", "max_tokens": 2, "ignore_eos": True})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+    assert pool.state("tiny-k-doomed").num_placed == placed_on_doomed
+    assert metric(url, "shoal_router_worker_retries_total", worker="tiny-k-doomed") == 0
+    assert metric(url, "shoal_router_worker_placements_total", worker="tiny-k-survivor") == 5
+    assert wait_until(lambda: not busy(survivor), 5)
+    survivor.engine.kv_cache.check_no_leak()
 
 
 # -- placement ------------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def test_client_sees_openai_errors(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=PARIS, temperature=5)
     assert e.value.status_code == 400 and e.value.body["param"] == "temperature"
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
