@@ -169,3 +169,9 @@ def test_the_spec_module_does_not_import_torch():
     code = ("import sys, shoal.cluster.spec as s; s.load_spec(sys.argv[1]); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code, str(EXAMPLE)], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLE.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_spec_loads(path):
+    spec = load_spec(path)
+    assert spec.pools and spec.to_dict() == DeploymentSpec.from_dict(spec.to_dict()).to_dict()
