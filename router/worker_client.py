@@ -90,16 +90,7 @@ class GrpcWorkerClient:
         started = False
         try:
             while True:
-                try:
-                    if started:
-                        msg = await call.read()
-                    else:
-                        msg = await asyncio.wait_for(call.read(), self.first_token_timeout_s)
-                except asyncio.TimeoutError:
-                    raise WorkerUnavailable(self.worker_id, f"no first token within {self.first_token_timeout_s} s",
-                                            code="DEADLINE_EXCEEDED") from None
-                except grpc.aio.AioRpcError as e:
-                    raise self._error(e, started) from None
+                msg = await self._read(call, started, self.first_token_timeout_s, "first token")
                 if msg is grpc.aio.EOF:
                     raise WorkerUnavailable(self.worker_id, "stream ended without a finish reason",
                                             started=started)
@@ -110,6 +101,19 @@ class GrpcWorkerClient:
                     return
         finally:
             call.cancel()  # a no-op once the call ended; otherwise tells the worker to abort
+
+    async def _read(self, call, started: bool, first_timeout_s: float, what: str):
+        """A stream's next message, the first one under a deadline; transport errors become
+        ``WorkerUnavailable`` (``started`` tells the caller whether it may retry elsewhere)."""
+        try:
+            if started:
+                return await call.read()
+            return await asyncio.wait_for(call.read(), first_timeout_s)
+        except asyncio.TimeoutError:
+            raise WorkerUnavailable(self.worker_id, f"no {what} within {first_timeout_s} s",
+                                    code="DEADLINE_EXCEEDED") from None
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e, started) from None
 
     async def abort(self, request_id: str) -> None:
         await self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id))
@@ -137,16 +141,7 @@ class GrpcWorkerClient:
         started = False
         try:
             while True:
-                try:
-                    if started:
-                        msg = await call.read()
-                    else:
-                        msg = await asyncio.wait_for(call.read(), self.rpc_timeout_s)
-                except asyncio.TimeoutError:
-                    raise WorkerUnavailable(self.worker_id, f"no KV snapshot within {self.rpc_timeout_s} s",
-                                            code="DEADLINE_EXCEEDED") from None
-                except grpc.aio.AioRpcError as e:
-                    raise self._error(e, started) from None
+                msg = await self._read(call, started, self.rpc_timeout_s, "KV snapshot")
                 if msg is grpc.aio.EOF:
                     return
                 started = True
