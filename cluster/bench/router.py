@@ -275,6 +275,14 @@ def worker_flags(model: str | None, device: str) -> list[str]:
     return flags
 
 
+def _loop_factory():
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def run(cfg: RouterBenchConfig, model: str | None = None, tokenizer_path: str | None = None,
         device: str = "cpu", start_timeout_s: float = 300.0, nodelay: bool = True) -> dict:
     from shoal.cluster.worker_process import WorkerProcess
@@ -287,7 +295,9 @@ def run(cfg: RouterBenchConfig, model: str | None = None, tokenizer_path: str | 
     worker.start()
     try:
         endpoint = worker.wait_ready(start_timeout_s)
-        return asyncio.run(measure(endpoint, tokenizer, cfg, nodelay))
+        # The loop shoal serve's uvicorn runs on: uvloop when installed (uvicorn's loop="auto").
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(measure(endpoint, tokenizer, cfg, nodelay))
     finally:
         worker.stop()
 
