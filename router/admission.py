@@ -31,11 +31,17 @@ class Admission:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
-        """Take a slot, waiting in line while none is free; every ``acquire`` needs one ``release``."""
+    def try_acquire(self) -> bool:
+        """Take a free slot without waiting (nobody is in line); False when the caller must queue."""
         if self.running < self.max_running and not self._waiters:
             self.running += 1
             self._publish()
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting in line while none is free; every ``acquire`` needs one ``release``."""
+        if self.try_acquire():
             return
         if len(self._waiters) >= self.max_waiting:
             raise ApiError(429, f"the router is at its limit of {self.max_running} concurrent requests "

@@ -31,10 +31,11 @@ async def respond(request: Request, ctx: RouterContext, gen: Generation, builder
     A stream's headers wait for its first event, so an error before any token (bad request on the
     worker, every worker failing) is still a proper status code.
     """
-    try:
-        await unless_disconnected(request, ctx.admission.acquire())
-    except ClientGone:
-        return Response(status_code=_CLIENT_GONE)
+    if not ctx.admission.try_acquire():  # only a request that queues needs a disconnect watch
+        try:
+            await unless_disconnected(request, ctx.admission.acquire())
+        except ClientGone:
+            return Response(status_code=_CLIENT_GONE)
     close = _Once(gen.finish, ctx.admission.release)
     handed_over = False  # to the SSE response, which then closes
     try:
