@@ -9,6 +9,8 @@ which is where the official client's ``extra_body`` puts them.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import time
 from typing import Any, ClassVar, Literal
 
@@ -133,8 +135,9 @@ class _SamplingRequest(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     @property
+    @abstractmethod
     def requested_logprobs(self) -> int | None:
-        raise NotImplementedError
+        """Top-logprobs asked for, None for none (completions and chat spell it differently)."""
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -8,6 +8,8 @@ are injected so tests control them.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -69,13 +71,14 @@ class PlacementPolicy(Protocol):
     def on_request_placed(self, request: PlacementRequest, worker_id: str) -> None: ...
 
 
-class BasePolicy:
-    """No-op hooks; a policy overrides the ones it needs."""
+class BasePolicy(ABC):
+    """No-op hooks; a policy implements ``choose`` and overrides the hooks it needs."""
 
     name: str = "base"
 
+    @abstractmethod
     def choose(self, request: PlacementRequest, workers: Sequence[WorkerView]) -> list[str]:
-        raise NotImplementedError
+        """Healthy worker ids, best first."""
 
     def on_kv_events(self, worker_id: str, batch: KVEventBatch) -> None:
         pass
