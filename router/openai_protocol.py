@@ -9,9 +9,8 @@ which is where the official client's ``extra_body`` puts them.
 
 from __future__ import annotations
 
-from abc import abstractmethod
-
 import time
+from abc import abstractmethod
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
