@@ -425,7 +425,14 @@ def test_tokenize_detokenize_models_and_metrics(serve, tiny, tok):
         with c.stream("POST", "/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "stream": True,
                                                        "ignore_eos": True}) as s:
             assert sse_data(s)[-1] == "[DONE]"
-        text = c.get("/metrics").text
+        # A stream is counted when its response ends on the server, which may be just after the
+        # client read [DONE]: give the count a moment.
+        deadline = time.monotonic() + 5
+        while True:
+            text = c.get("/metrics").text
+            if 'endpoint="completions",status="200"} 2.0' in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     for series in ('shoal_router_requests_total{endpoint="completions",status="200"} 2.0',
                    'shoal_router_worker_running_requests{worker="tiny-a"}',
                    'shoal_router_worker_kv_usage{worker="tiny-a"}',
