@@ -48,6 +48,9 @@ class PrefixAwarePolicy(BasePolicy):
         self.min_match_tokens = min_match_tokens
         self.weights = LoadWeights(waiting=waiting_weight, kv_usage=kv_usage_weight)
         self.index = PrefixIndex(predicted_ttl_s, max_predicted_blocks, max_blocks_per_worker, clock)
+        # Per worker, the first-block hashes of the prompts placed there: how many distinct prefixes it
+        # holds (pruned once the index no longer has the block there, i.e. it was evicted).
+        self._roots: dict[str, dict[bytes, None]] = {}
 
     # -- placement ------------------------------------------------------------------------------------
 
@@ -72,13 +75,21 @@ class PrefixAwarePolicy(BasePolicy):
                           and load[wid] > min_load * self.balance_rel_threshold)
             tokens = matched[wid] * self.block_size
             useful = tokens if tokens >= max(self.min_match_tokens, 1) else 0
-            # A prefix no worker holds goes where the cache is emptiest: splitting new prefixes by
-            # load alone lets one worker collect more than its share and evict them again.
-            occupancy = sum(self.index.num_blocks(wid)) if useful == 0 else 0
+            # A prefix no worker holds goes to the worker holding the fewest prefixes: splitting new
+            # prefixes by load alone lets one worker collect more than its share and evict them again.
+            occupancy = self._num_prefixes(wid) if useful == 0 else 0
             tie = hashlib.blake2b(head + wid.encode(), digest_size=8).digest()
             return (overloaded, -useful, occupancy, load[wid], tie)
 
         return sorted(ids, key=key)
+
+    def _num_prefixes(self, worker_id: str) -> int:
+        roots = self._roots.get(worker_id)
+        if not roots:
+            return 0
+        for h in [h for h in roots if self.index.match((h,), (worker_id,))[worker_id] == 0]:
+            del roots[h]
+        return len(roots)
 
     def predicted_cached_tokens(self, request: PlacementRequest, worker_id: str) -> int:
         """Prompt tokens the router expects ``worker_id`` to find in its prefix cache."""
@@ -95,6 +106,10 @@ class PrefixAwarePolicy(BasePolicy):
 
     def on_worker_removed(self, worker_id: str) -> None:
         self.index.remove_worker(worker_id)
+        self._roots.pop(worker_id, None)
 
     def on_request_placed(self, request: PlacementRequest, worker_id: str) -> None:
-        self.index.predict(worker_id, request.block_hashes(self.block_size))
+        hashes = request.block_hashes(self.block_size)
+        self.index.predict(worker_id, hashes)
+        if hashes:
+            self._roots.setdefault(worker_id, {})[hashes[0]] = None

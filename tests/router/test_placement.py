@@ -359,13 +359,12 @@ def test_prefix_aware_choose_is_fast_enough():
     assert per_call < 0.01, per_call
 
 
-def test_prefix_aware_places_a_new_prefix_on_the_emptier_cache():
-    policy = PrefixAwarePolicy(block_size=16, predicted_ttl_s=0)
-    full = tokens(16 * 40, seed=1)
-    policy.on_kv_events("a", KVEventBatch(0, "snapshot", tuple(block_hashes(full, 16))))
-    policy.on_kv_events("b", KVEventBatch(0, "snapshot", ()))
-    new = req(tokens(200, seed=2))
-    # b holds nothing: it gets the unseen prefix even with one more request in flight
-    assert policy.choose(new, [view("a"), view("b", running=1)])[0] == "b"
+def test_prefix_aware_places_a_new_prefix_on_the_worker_with_fewer_prefixes():
+    policy = PrefixAwarePolicy(block_size=16)
+    views = [view("a"), view("b")]
+    first = req(tokens(200, seed=1))
+    policy.on_request_placed(first, "a")  # a now holds one prefix (predicted)
+    # b holds none: it gets the next unseen prefix even with one more request in flight
+    assert policy.choose(req(tokens(200, seed=2)), [view("a"), view("b", running=1)])[0] == "b"
     # a prompt that a holds still goes to a
-    assert policy.choose(req(full[:320] + [7]), [view("a", running=1), view("b")])[0] == "a"
+    assert policy.choose(req(list(first.prompt_token_ids) + [7]), views)[0] == "a"
