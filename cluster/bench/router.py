@@ -38,15 +38,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
+from shoal.workers.models.presets import PRESETS
 from shoal.workers.protocol import GenerateRequest, TokenDelta
 
 from .report import environment, format_table, write_json
 
 # A 2-layer Llama with SmolLM2's vocabulary: the real tokenizer applies, a decode step takes milliseconds.
-TINY_CONFIG = dict(
-    architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=64, intermediate_size=128,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-    rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+TINY_CONFIG = PRESETS["tiny-smollm2-vocab"]
 
 PERCENTILES = (50.0, 90.0, 99.0)
 

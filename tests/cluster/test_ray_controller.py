@@ -33,16 +33,13 @@ from shoal.cluster.launch import EtcdRouter  # noqa: E402
 from shoal.cluster.ray_worker import WorkerActor  # noqa: E402
 from shoal.cluster.registry import connect, get_spec, list_workers  # noqa: E402
 from shoal.cluster.spec import DeploymentSpec  # noqa: E402
+from shoal.workers.models.presets import PRESETS  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 TTL = 3
 NAME = "ray-test"
-TINY_CONFIG = dict(  # a 2-layer Llama shape with SmolLM2's vocabulary (as in tests/router/conftest.py)
-    architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=64, intermediate_size=128,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-    rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1,
-    eos_token_id=2)
+TINY_CONFIG = PRESETS["tiny-smollm2-vocab"]  # 2 layers, SmolLM2's vocabulary
 
 
 def tiny_spec(model_dir, tokenizer, etcd_endpoint: str, replicas: int = 2, name: str = NAME) -> DeploymentSpec:

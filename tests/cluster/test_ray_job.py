@@ -23,17 +23,14 @@ import httpx
 import pytest
 
 from shoal.cluster.etcd import EmbeddedEtcd, free_port
+from shoal.workers.models.presets import PRESETS
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's ray and shoal
 NAME = "job-test"
-TINY_CONFIG = dict(  # a 2-layer Llama shape with SmolLM2's vocabulary (as in tests/router/conftest.py)
-    architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=64, intermediate_size=128,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-    rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1,
-    eos_token_id=2)
+TINY_CONFIG = PRESETS["tiny-smollm2-vocab"]  # 2 layers, SmolLM2's vocabulary
 
 
 def descendants(pids: set[int]) -> set[int]:

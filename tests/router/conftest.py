@@ -27,14 +27,11 @@ from shoal.router.app import create_app  # noqa: E402
 from shoal.router.local_worker import LocalWorker  # noqa: E402
 from shoal.router.worker_pool import make_pool  # noqa: E402
 from shoal.workers.tokenizer import Tokenizer  # noqa: E402
+from shoal.workers.models.presets import PRESETS  # noqa: E402
 
 BLOCK_SIZE = 16
 
-TINY_CONFIG = dict(
-    architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=64, intermediate_size=128,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-    rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1,
-    eos_token_id=2)
+TINY_CONFIG = PRESETS["tiny-smollm2-vocab"]  # 2 layers, SmolLM2's vocabulary
 
 
 @pytest.fixture(scope="session")

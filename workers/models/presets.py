@@ -29,4 +29,11 @@ PRESETS: dict[str, dict] = {
         num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
         rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=True,
         bos_token_id=151643, eos_token_id=151645),
+    # Two layers with SmolLM2's vocabulary: a real tokenizer (SmolLM2's) over a model that loads in
+    # a moment. Serving tests and `shoal bench router` use it with random weights.
+    "tiny-smollm2-vocab": dict(
+        architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=2),
 }
