@@ -119,6 +119,7 @@ class WorkerActor:
             await server.stop(grace_s)
         engine, self._engine = self._engine, None
         if engine is not None:
+            await engine.close_kv_peers()
             await asyncio.to_thread(engine.shutdown)
         if self._registration is not None:
             await self._registration.abandon()

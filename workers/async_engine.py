@@ -14,15 +14,29 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from .engine.block_pool import KVEvent
 from .engine.outputs import EngineCoreOutput
 from .engine.request import Request, RequestStatus
 from .llm_engine import LLMEngine
-from .protocol import GenerateRequest, KVEventBatch, TokenDelta, TokenLogprob, WorkerInfo, WorkerLoad
+from .protocol import GenerateRequest, KVEventBatch, KVHandle, TokenDelta, TokenLogprob, WorkerInfo, WorkerLoad
+from .engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .disagg import DecodeSide, DisaggConfig, ExportTable, PrefillSide
+
+_PREFILL_ONLY = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
 log = logging.getLogger(__name__)
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if not future.done():  # the caller may have been cancelled meanwhile
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 @dataclass
@@ -58,8 +72,20 @@ class KVSubscription:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, worker_id: str = "worker-0", role: str = "unified",
-                 idle_wait_s: float = 0.05, clock: Callable[[], float] = time.monotonic):
+                 idle_wait_s: float = 0.05, clock: Callable[[], float] = time.monotonic,
+                 disagg: "DisaggConfig | None" = None):
+        from .disagg import DisaggConfig
+
         self.engine = engine
+        self.disagg_config = disagg or DisaggConfig()
+        self.endpoint = ""  # host:port peers reach this worker's gRPC server at (set by the server)
+        # prefill requests to pin when they finish: request id -> prompt token ids (engine thread)
+        self._exporting: dict[str, tuple[int, ...]] = {}
+        self._exports: "ExportTable | None" = None
+        self._prefill_side: "PrefillSide | None" = None
+        self._decode_side: "DecodeSide | None" = None
+        self._kv_sink = None
+        self.num_kv_fallbacks = 0  # kv_source requests whose pull failed: the prefill ran here
         self.worker_id = worker_id
         self.role = role
         self._idle_wait = idle_wait_s
@@ -83,6 +109,8 @@ class AsyncEngine:
         self._commands.put(("wake", None))
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._prefill_side is not None:
+            self._prefill_side.close()
         self.engine.shutdown()  # tensor-parallel rank processes, if any
 
     def alive(self, max_silence_s: float = 30.0) -> bool:
@@ -95,6 +123,8 @@ class AsyncEngine:
         if req.sampling.n != 1:
             raise ValueError(f"a worker runs one completion per request: n must be 1, got {req.sampling.n}")
         self.engine.validate(req.prompt_token_ids, req.sampling)
+        if req.kv_source is not None:
+            await self._import_kv(req)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._commands.put(("add", (req, stream)))
         finished = False
@@ -111,6 +141,111 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
+
+    # -- disaggregated serving ------------------------------------------------------------------
+    async def prefill(self, req: GenerateRequest) -> KVHandle:
+        """Compute the prompt's KV blocks and pin its full ones for a pull (``DisaggConfig.export_ttl_s``).
+
+        The request runs with one greedy token that is dropped (the decode worker samples the first
+        real token, so seeded and greedy outputs equal a unified worker's). Cancelling aborts it.
+        """
+        self.engine.validate(req.prompt_token_ids, req.sampling)
+        self._require_prefix_caching("prefill for another worker")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._commands.put(("add", (GenerateRequest(req.request_id, req.prompt_token_ids, _PREFILL_ONLY,
+                                                    req.priority), stream, True)))
+        done = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, KVHandle):
+                    done = True
+                    return item
+                if item.finish_reason is not None:
+                    done = True
+                    raise RuntimeError(f"prefill of {req.request_id} ended with {item.finish_reason}"
+                                       + (f": {item.error}" if item.error else ""))
+        finally:
+            if not done:
+                self.abort(req.request_id)
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread between steps (block pool and executor are its alone)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(("call", (fn, _Stream(loop, future))))
+        while not future.done():  # a loop that died never answers: do not wait for it forever
+            await asyncio.wait({future}, timeout=1.0)
+            if not future.done() and not self._thread.is_alive():
+                raise RuntimeError("the engine loop is not running")
+        return future.result()
+
+    @property
+    def exports(self) -> "ExportTable":
+        """Prompts pinned for a pull (engine thread only)."""
+        if self._exports is None:
+            from .disagg import ExportTable
+            from .executor.kv_transfer import KVSource
+
+            self._exports = ExportTable(KVSource.of_engine(self.engine), self.disagg_config.export_ttl_s,
+                                        self._clock)
+        return self._exports
+
+    @property
+    def kv_sink(self):
+        if self._kv_sink is None:
+            from .executor.kv_transfer import KVSink
+
+            self._kv_sink = KVSink.of_engine(self.engine)
+        return self._kv_sink
+
+    @property
+    def kv_geometry(self):
+        return self.engine.kv_block_io.geometry
+
+    @property
+    def kv_device(self):
+        return self.engine.kv_block_io.device
+
+    @property
+    def prefill_side(self) -> "PrefillSide":
+        if self._prefill_side is None:
+            from .disagg import PrefillSide
+
+            if not self.endpoint:
+                raise RuntimeError("this worker has no endpoint: serve it first (start_worker_server)")
+            host = self.endpoint.rsplit(":", 1)[0].strip("[]")
+            self._prefill_side = PrefillSide(self, host, self.disagg_config)
+        return self._prefill_side
+
+    @property
+    def decode_side(self) -> "DecodeSide":
+        if self._decode_side is None:
+            from .disagg import DecodeSide
+
+            self._decode_side = DecodeSide(self, self.disagg_config)
+        return self._decode_side
+
+    async def close_kv_peers(self) -> None:
+        """Close the links and channels this worker opened to prefill workers (call from its loop)."""
+        if self._decode_side is not None:
+            await self._decode_side.close()
+
+    async def _import_kv(self, req: GenerateRequest) -> None:
+        """Pull the prompt's blocks from its prefill worker; on any failure compute the prefill here."""
+        if not self.engine.config.enable_prefix_caching:
+            self.num_kv_fallbacks += 1
+            return
+        try:
+            await self.decode_side.pull(req)
+        except Exception as e:  # a transfer failure is never the request's: fall back to a local prefill
+            self.num_kv_fallbacks += 1
+            log.warning("KV pull for %s from %s failed, prefilling here: %s", req.request_id,
+                        req.kv_source.endpoint, e)
+
+    def _require_prefix_caching(self, what: str) -> None:
+        if not self.engine.config.enable_prefix_caching:
+            raise ValueError(f"{what} needs enable_prefix_caching=True on this worker")
 
     def subscribe_kv_events(self) -> KVSubscription:
         if not self.engine.config.kv_events:
@@ -138,6 +273,8 @@ class AsyncEngine:
         while not self._stop.is_set():
             self._heartbeat = self._clock()
             self._apply_commands(block=not core.has_unfinished_requests())
+            if self._exports is not None and len(self._exports):
+                self._exports.expire()
             if not core.has_unfinished_requests():
                 continue
             try:
@@ -150,6 +287,8 @@ class AsyncEngine:
             self._deliver(outputs)
             self._publish_kv_events()
         self._fail_all("engine shut down")
+        if self._exports is not None:
+            self._exports.release_all()
         for sub in self._subscribers:
             sub.put(None)
 
@@ -167,15 +306,28 @@ class AsyncEngine:
 
     def _apply(self, kind: str, arg) -> None:
         if kind == "add":
-            req, stream = arg
+            req, stream, *export = arg
             if req.request_id in self._streams or req.request_id in self.engine.scheduler.requests:
                 stream.put(TokenDelta(req.request_id, (), finish_reason="error",
                                       error=f"request_id {req.request_id!r} is already running"))
                 return
             self._streams[req.request_id] = stream
+            if export:
+                self._exporting[req.request_id] = tuple(req.prompt_token_ids)
             self.engine.core.add_request(Request(req.request_id, req.prompt_token_ids, req.sampling,
                                                  self.engine.eos_token_ids, req.priority))
+        elif kind == "call":
+            fn, stream = arg
+            try:
+                result = fn(self.engine)
+            except BaseException as e:
+                stream.loop.call_soon_threadsafe(_settle, stream.queue, None, e)
+            else:
+                stream.loop.call_soon_threadsafe(_settle, stream.queue, result, None)
         elif kind == "abort":
+            self._exporting.pop(arg, None)
+            if self._exports is not None:
+                self._exports.release(arg)
             self.engine.core.finish_requests([arg], RequestStatus.FINISHED_ABORTED)
             stream = self._streams.pop(arg, None)
             if stream is not None:
@@ -195,10 +347,26 @@ class AsyncEngine:
                 continue
             logprobs = tuple(TokenLogprob(lp.token_id, lp.logprob, lp.rank, lp.top) for lp in out.new_logprobs)
             stop = out.stop_reason if isinstance(out.stop_reason, int) else None
-            stream.put(TokenDelta(out.request_id, out.new_token_ids, logprobs, out.finish_reason, stop,
-                                  out.num_cached_tokens))
+            delta = TokenDelta(out.request_id, out.new_token_ids, logprobs, out.finish_reason, stop,
+                               out.num_cached_tokens)
             if out.finish_reason is not None:
                 del self._streams[out.request_id]
+                if out.request_id in self._exporting:
+                    delta = self._export(out.request_id, delta)
+            stream.put(delta)
+
+    def _export(self, request_id: str, delta: TokenDelta) -> KVHandle | TokenDelta:
+        """A prefill request just finished (its blocks are in the prefix cache): pin them, now, before
+        another step can evict them; -> the handle, or an error delta."""
+        prompt = self._exporting.pop(request_id)
+        if delta.finish_reason not in ("length", "stop"):
+            return delta
+        try:
+            exported = self.exports.pin(request_id, prompt)
+        except Exception as e:
+            return TokenDelta(request_id, (), finish_reason="error", error=f"cannot pin the prompt's KV: {e}")
+        bs = self.engine.config.block_size
+        return KVHandle(request_id, self.worker_id, exported.block_ids, len(exported.blocks) * bs, self.endpoint)
 
     def _publish_kv_events(self) -> None:
         events: list[KVEvent] = self.engine.kv_cache.pool.take_events()

@@ -79,6 +79,7 @@ class LLMEngine:
         self.core = EngineCore(self.scheduler, self.tp or self.runner)
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        self._kv_block_io = None
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                  config.model, device, dtype, num_blocks, config.block_size, self.max_model_len)
 
@@ -156,6 +157,15 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         self.core.finish_requests(self.outputs.abort(request_id), RequestStatus.FINISHED_ABORTED)
+
+    @property
+    def kv_block_io(self):
+        """Whole-model reads and writes of KV blocks, whatever the TP size (disaggregated serving)."""
+        if self._kv_block_io is None:
+            from .executor.kv_transfer import CacheBlockIO
+
+            self._kv_block_io = self.tp.block_io if self.tp is not None else CacheBlockIO(self.runner.kv_caches)
+        return self._kv_block_io
 
     @property
     def stats(self):

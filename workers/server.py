@@ -105,6 +105,49 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.engine.abort(request.request_id)
         return pb.AbortReply()
 
+    # -- disaggregated serving ------------------------------------------------------------------
+    async def Prefill(self, request: pb.GenerateRequest, context) -> pb.KVHandle:
+        await self._require_alive(context)
+        try:
+            req = codec.generate_request_from_pb(request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        prefill = asyncio.ensure_future(self.engine.prefill(req))
+        try:
+            handle = await self._next_of(prefill)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RuntimeError as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        except _Unavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return codec.kv_handle_to_pb(handle)
+
+    async def OpenKVLink(self, request: pb.OpenKVLinkRequest, context) -> pb.OpenKVLinkReply:
+        from shoal.workers.disagg import geometry_from_pb
+
+        try:
+            return self.engine.prefill_side.open_link(request.link_id, geometry_from_pb(request.geometry))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+
+    async def PullKV(self, request: pb.PullKVRequest, context) -> pb.PullKVReply:
+        try:
+            sent = await self.engine.prefill_side.pull(request.request_id, request.link_id,
+                                                       list(request.block_indices), request.tag)
+        except KeyError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{type(e).__name__}: {e}")
+        return pb.PullKVReply(num_sent=sent)
+
+    async def CloseKVLink(self, request: pb.CloseKVLinkRequest, context) -> pb.Empty:
+        if self.engine._prefill_side is not None:
+            self.engine._prefill_side.links.close(request.link_id)
+        return pb.Empty()
+
     async def GetLoad(self, request: pb.Empty, context) -> pb.WorkerLoad:
         return codec.worker_load_to_pb(self.engine.load())
 
@@ -126,6 +169,20 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         # A command sent to a dead loop is never answered: refuse instead of hanging the caller.
         if not self.engine.alive():
             await context.abort(grpc.StatusCode.UNAVAILABLE, self._engine_error(False))
+
+    async def _next_of(self, task: asyncio.Future):
+        """``await task``, but raises ``_Unavailable`` if the engine dies first (the task is cancelled)."""
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self._watchdog_s)
+                if done:
+                    return task.result()
+                if not self.engine.alive():
+                    raise _Unavailable(self._engine_error(False))
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
 
     async def _next(self, it: AsyncIterator, interruptible: bool = False):
         """``anext(it)``, but raises ``_Unavailable`` if the engine dies (or, when ``interruptible``,
@@ -165,6 +222,8 @@ async def start_worker_server(engine: AsyncEngine, host: str, port: int, *,
         raise RuntimeError(f"cannot listen on {address}")
     await server.start()
     server.bound_port = bound
+    if not engine.endpoint:  # what a KVHandle names for decode workers to pull from
+        engine.endpoint = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
     return server
 
 
@@ -184,6 +243,7 @@ async def serve(engine: AsyncEngine, host: str, port: int, grace_s: float) -> No
     log.info("stopping: in-flight requests get %.1f s to finish", grace_s)
     servicer.begin_shutdown()
     await server.stop(grace_s)
+    await engine.close_kv_peers()
     stopped.cancel()
     terminated.cancel()
 

@@ -12,7 +12,6 @@ from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny_models import make_tiny_checkpoint
 
@@ -20,10 +19,13 @@ from shoal.workers import LLM, SamplingParams
 from shoal.workers.executor.kv_transfer import (
     KVSink,
     KVSource,
+    KVLink,
     KVTransferError,
-    P2PKVChannel,
+    LinkStore,
     gather_blocks,
+    recv_blocks,
     scatter_blocks,
+    send_blocks,
     transfer_in_process,
 )
 
@@ -177,19 +179,25 @@ def _child(role: str, checkpoint: str, port: int, results) -> None:
             llm.generate(prompt, PREFILL_ONLY)
             source = KVSource.of_engine(llm.engine)
             exported = source.pin(prompt)
-            channel = P2PKVChannel.connect(0, "127.0.0.1", port, source.geometry, timeout)
-            stats = channel.send_prefix(source, exported)
+            link = KVLink.connect("t", 0, "127.0.0.1", port, timeout=timeout)
+            # The indices come out of band (the workers' PullKV); here, one int64 message on the link.
+            count = link.recv(torch.empty(1, dtype=torch.int64), tag=1)
+            indices = link.recv(torch.empty(int(count), dtype=torch.int64), tag=2).tolist()
+            stats = send_blocks(link, source, exported, indices, tag=3)
             source.release(exported)
             llm.engine.kv_cache.check_no_leak()
             results.put((role, stats.num_sent))
         else:
             sink = KVSink.of_engine(llm.engine)
-            channel = P2PKVChannel.connect(1, "127.0.0.1", port, sink.geometry, timeout)
-            stats = channel.recv_prefix(sink, prompt)
+            link = KVLink.connect("t", 1, "127.0.0.1", port, timeout=timeout)
+            pending = sink.begin(prompt)
+            link.send(torch.tensor([len(pending.missing)]), tag=1)
+            link.send(torch.tensor(pending.missing, dtype=torch.int64), tag=2)
+            stats = recv_blocks(link, sink, pending, tag=3)
             tokens, computed, cached = generate_counting(llm, prompt)
             llm.engine.kv_cache.check_no_leak()
             results.put((role, (stats.num_sent, tokens, computed, cached)))
-        channel.close()
+        link.close()
     except BaseException as e:
         results.put((role, f"error: {e!r}"))
         raise
@@ -200,8 +208,7 @@ if __name__ == CHILD_RUN_NAME:  # a spawned process running this file through ru
 
 
 def test_transfer_across_processes_over_gloo(checkpoint, expected):
-    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=30))
+    store = LinkStore(timeout=timedelta(seconds=30))
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     # The test module is not importable by name in a child (pytest's importlib mode), so each child
@@ -242,28 +249,30 @@ def test_transfer_across_processes_over_gloo(checkpoint, expected):
 
 
 def test_silent_peer_times_out_and_import_is_undone(checkpoint):
-    """The prefill side connects but never answers: the decode side gives up after ``timeout`` and
-    returns its reserved blocks; the broken channel refuses further use."""
+    """The prefill side connects but never sends: the decode side gives up after the link's timeout
+    and returns its reserved blocks; the broken link refuses further use."""
     import threading
 
     prompt = make_prompt()
     llm_b = LLM(checkpoint, **ENGINE)
     sink = KVSink.of_engine(llm_b.engine)
-    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=10))
+    store = LinkStore(timeout=timedelta(seconds=10))
     timeout = timedelta(seconds=1)
     peer = {}
-    t = threading.Thread(target=lambda: peer.setdefault(
-        "ch", P2PKVChannel.connect(0, "127.0.0.1", store.port, sink.geometry, timeout)))
+    t = threading.Thread(target=lambda: peer.setdefault("link", KVLink("s", 0, store.store, timeout=timeout)))
     t.start()
-    channel = P2PKVChannel.connect(1, "127.0.0.1", store.port, sink.geometry, timeout)
+    link = KVLink.connect("s", 1, "127.0.0.1", store.port, timeout=timeout)
     t.join(timeout=10)
     start = time.monotonic()
+    pending = sink.begin(prompt)
+    assert pending.missing
     with pytest.raises(KVTransferError, match="timed out"):
-        channel.recv_prefix(sink, prompt)
+        recv_blocks(link, sink, pending, tag=5)
     assert time.monotonic() - start < 5
     llm_b.engine.kv_cache.check_no_leak()
     assert llm_b.engine.kv_cache.pool.num_cached_blocks == 0
     with pytest.raises(KVTransferError, match="failed earlier"):
-        channel.recv_prefix(sink, prompt)
-    channel.close(), peer["ch"].close()
+        recv_blocks(link, sink, sink.begin(prompt), tag=6)
+    llm_b.engine.kv_cache.check_no_leak()
+    link.close(), peer["link"].close()
+    store.close()

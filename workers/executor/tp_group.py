@@ -37,6 +37,7 @@ from shoal.workers.models.config import ModelConfig
 from shoal.workers.models.loader import ModelSource, resolve_model
 from shoal.workers.models.ops import kernel_ops
 
+from .kv_transfer.import_blocks import KVGeometry, gather_blocks, scatter_blocks
 from .model_runner import ModelRunner, RunnerConfig, allocate_kv_caches
 from .sampler import Sampler, make_generator
 from .tensor_parallel import load_model_shard, tp_layout
@@ -104,7 +105,8 @@ class TPGroup:
 class TPRank:
     """One rank's shard and runner. Rank 0 and the workers call these methods in lockstep."""
 
-    CALLS = frozenset({"profile_peak_memory", "init_runner", "execute"})  # what rank 0 may broadcast
+    # What rank 0 may broadcast.
+    CALLS = frozenset({"profile_peak_memory", "init_runner", "execute", "gather_kv", "scatter_kv"})
 
     def __init__(self, config: EngineConfig, group: TPGroup, source: ModelSource | None = None):
         self.config, self.group = config, group
@@ -137,6 +139,37 @@ class TPRank:
     def execute(self, sched: SchedulerOutput, rank0_tokens: dict[str, int]) -> ModelRunnerOutput:
         self._adopt(rank0_tokens)
         return self.runner.execute(sched)
+
+    # -- KV blocks as whole-model tensors (disaggregated serving moves them between engines) ------------
+    def gather_kv(self, block_ids: list[int]) -> torch.Tensor | None:
+        """Rank 0 gets the blocks with every KV head: [layers, 2, n, block_size, kv_heads, head_dim];
+        the others return None. Each rank contributes the heads it owns (the first holder of a
+        replicated head)."""
+        local = gather_blocks(self.runner.kv_caches, block_ids)  # [..., kv_heads_per_rank, head_dim]
+        shards = [torch.empty_like(local) for _ in range(self.group.world_size)]
+        dist.all_gather(shards, local)  # the data group: NCCL on GPU moves device memory directly
+        if self.group.rank != 0:
+            return None
+        layouts = self._layouts()
+        heads = [next(s[..., h - lay.kv_head_start, :] for s, lay in zip(shards, layouts)
+                      if lay.kv_head_start <= h < lay.kv_head_start + lay.num_kv_heads)
+                 for h in range(self.model.config.num_key_value_heads)]
+        return torch.stack(heads, dim=-2).contiguous()
+
+    def scatter_kv(self, block_ids: list[int], shape: tuple[int, ...], data: torch.Tensor | None = None) -> None:
+        """Write whole-model blocks (``data`` on rank 0, broadcast to the others) into each rank's heads."""
+        if data is None:
+            data = torch.empty(shape, dtype=self.dtype, device=self.device)
+        else:
+            data = data.to(self.device)
+        dist.broadcast(data, src=0)
+        lay = self._layouts()[self.group.rank]
+        scatter_blocks(self.runner.kv_caches, block_ids,
+                       data[..., lay.kv_head_start:lay.kv_head_start + lay.num_kv_heads, :].contiguous())
+
+    def _layouts(self) -> list:
+        cfg = self.model.config
+        return [tp_layout(cfg, r, self.group.world_size) for r in range(self.group.world_size)]
 
     def _adopt(self, rank0_tokens: dict[str, int]) -> None:
         """Make the last sampled token of each request rank 0's, before it is fed back as input."""
@@ -270,14 +303,19 @@ class MultiprocTPExecutor:
         self._last_sampled = out.sampled_token_ids
         return out
 
-    def _call(self, method: str, *args):
+    @property
+    def block_io(self) -> "TPBlockIO":
+        return TPBlockIO(self)
+
+    def _call(self, method: str, *args, local_extra: tuple = ()):
+        """Every rank runs ``method(*args)``; rank 0 also passes ``local_extra`` (data not worth pickling)."""
         if self._failure is not None:
             raise TPWorkerError(f"the tensor-parallel group is down ({self._failure}); rebuild the engine")
         if any(p.exitcode is not None for p in self.processes):
             raise self._fail(None)
         try:
             self.group.broadcast((method, args))
-            return getattr(self.rank, method)(*args)
+            return getattr(self.rank, method)(*args, *local_extra)
         except BaseException as exc:  # the ranks are out of lockstep now, whatever the cause
             err = self._fail(exc)
             if isinstance(exc, Exception):
@@ -339,6 +377,29 @@ class MultiprocTPExecutor:
         if self._saved_threads is not None:
             torch.set_num_threads(self._saved_threads)
         self._store = None  # the last reference: the TCPStore server closes its port
+
+
+class TPBlockIO:
+    """``CacheBlockIO``'s interface over a tensor-parallel engine: whole-model blocks in and out, each
+    rank reading or writing its own heads (so a TP=1 prefill can feed a TP=2 decode and back)."""
+
+    def __init__(self, executor: MultiprocTPExecutor):
+        self.executor = executor
+        rank = executor.rank
+        cfg = rank.model.config
+        self.device = rank.device
+        self.geometry = KVGeometry(cfg.num_hidden_layers, executor.runner.block_size, cfg.num_key_value_heads,
+                                   cfg.head_dim, rank.dtype)
+
+    def gather(self, block_ids) -> torch.Tensor:
+        return self.executor._call("gather_kv", list(block_ids))
+
+    def scatter(self, block_ids, data: torch.Tensor) -> None:
+        expected = self.geometry.data_shape(len(block_ids))
+        if tuple(data.shape) != expected or data.dtype != self.geometry.dtype:
+            raise ValueError(f"KV data has shape {tuple(data.shape)} / {data.dtype}, the cache expects "
+                             f"{expected} / {self.geometry.dtype}")
+        self.executor._call("scatter_kv", list(block_ids), expected, local_extra=(data,))
 
 
 def _reap(processes: list) -> None:

@@ -185,6 +185,64 @@ class KVEventBatch(_message.Message):
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[KVEventBatch.Kind, str]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
+class KVGeometry(_message.Message):
+    __slots__ = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    def __init__(self, num_layers: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class OpenKVLinkRequest(_message.Message):
+    __slots__ = ("link_id", "peer_worker", "geometry")
+    LINK_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_WORKER_FIELD_NUMBER: _ClassVar[int]
+    GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    link_id: str
+    peer_worker: str
+    geometry: KVGeometry
+    def __init__(self, link_id: _Optional[str] = ..., peer_worker: _Optional[str] = ..., geometry: _Optional[_Union[KVGeometry, _Mapping]] = ...) -> None: ...
+
+class OpenKVLinkReply(_message.Message):
+    __slots__ = ("store_host", "store_port", "backend")
+    STORE_HOST_FIELD_NUMBER: _ClassVar[int]
+    STORE_PORT_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    store_host: str
+    store_port: int
+    backend: str
+    def __init__(self, store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class PullKVRequest(_message.Message):
+    __slots__ = ("request_id", "link_id", "block_indices", "tag")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LINK_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_INDICES_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    link_id: str
+    block_indices: _containers.RepeatedScalarFieldContainer[int]
+    tag: int
+    def __init__(self, request_id: _Optional[str] = ..., link_id: _Optional[str] = ..., block_indices: _Optional[_Iterable[int]] = ..., tag: _Optional[int] = ...) -> None: ...
+
+class PullKVReply(_message.Message):
+    __slots__ = ("num_sent",)
+    NUM_SENT_FIELD_NUMBER: _ClassVar[int]
+    num_sent: int
+    def __init__(self, num_sent: _Optional[int] = ...) -> None: ...
+
+class CloseKVLinkRequest(_message.Message):
+    __slots__ = ("link_id",)
+    LINK_ID_FIELD_NUMBER: _ClassVar[int]
+    link_id: str
+    def __init__(self, link_id: _Optional[str] = ...) -> None: ...
+
 class HealthReply(_message.Message):
     __slots__ = ("status", "last_error")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):

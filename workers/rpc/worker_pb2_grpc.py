@@ -64,6 +64,26 @@ class WorkerStub:
                 request_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.Empty.SerializeToString,
                 response_deserializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Prefill = channel.unary_unary(
+                '/shoal.worker.v1.Worker/Prefill',
+                request_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.KVHandle.FromString,
+                _registered_method=True)
+        self.OpenKVLink = channel.unary_unary(
+                '/shoal.worker.v1.Worker/OpenKVLink',
+                request_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.OpenKVLinkRequest.SerializeToString,
+                response_deserializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.OpenKVLinkReply.FromString,
+                _registered_method=True)
+        self.PullKV = channel.unary_unary(
+                '/shoal.worker.v1.Worker/PullKV',
+                request_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.PullKVRequest.SerializeToString,
+                response_deserializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.PullKVReply.FromString,
+                _registered_method=True)
+        self.CloseKVLink = channel.unary_unary(
+                '/shoal.worker.v1.Worker/CloseKVLink',
+                request_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.CloseKVLinkRequest.SerializeToString,
+                response_deserializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -110,6 +130,38 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefill(self, request, context):
+        """Disaggregated serving, prefill side. Prefill computes a prompt's KV blocks (one token is sampled
+        and dropped) and pins the prompt's full blocks for a while; the reply says where they are.
+        Cancelling the call aborts it; a refused request ends with INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenKVLink(self, request, context):
+        """A decode worker asks to open a point-to-point KV link (a 2-rank torch.distributed group met
+        through this worker's store); the prefill worker joins it as rank 0 in the background.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullKV(self, request, context):
+        """Send the asked-for blocks of a pinned prompt over an open link (the caller posts the matching
+        receive), then unpin the prompt. Empty indices only unpin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseKVLink(self, request, context):
+        """Close a link (the decode side retires it: idle, broken, or shutting down).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +194,26 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.Empty.FromString,
                     response_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.HealthReply.SerializeToString,
+            ),
+            'Prefill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefill,
+                    request_deserializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.GenerateRequest.FromString,
+                    response_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.KVHandle.SerializeToString,
+            ),
+            'OpenKVLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenKVLink,
+                    request_deserializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.OpenKVLinkRequest.FromString,
+                    response_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.OpenKVLinkReply.SerializeToString,
+            ),
+            'PullKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullKV,
+                    request_deserializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.PullKVRequest.FromString,
+                    response_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.PullKVReply.SerializeToString,
+            ),
+            'CloseKVLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseKVLink,
+                    request_deserializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.CloseKVLinkRequest.FromString,
+                    response_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +378,114 @@ class Worker:
             '/shoal.worker.v1.Worker/Health',
             shoal_dot_workers_dot_rpc_dot_worker__pb2.Empty.SerializeToString,
             shoal_dot_workers_dot_rpc_dot_worker__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.worker.v1.Worker/Prefill',
+            shoal_dot_workers_dot_rpc_dot_worker__pb2.GenerateRequest.SerializeToString,
+            shoal_dot_workers_dot_rpc_dot_worker__pb2.KVHandle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenKVLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.worker.v1.Worker/OpenKVLink',
+            shoal_dot_workers_dot_rpc_dot_worker__pb2.OpenKVLinkRequest.SerializeToString,
+            shoal_dot_workers_dot_rpc_dot_worker__pb2.OpenKVLinkReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.worker.v1.Worker/PullKV',
+            shoal_dot_workers_dot_rpc_dot_worker__pb2.PullKVRequest.SerializeToString,
+            shoal_dot_workers_dot_rpc_dot_worker__pb2.PullKVReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseKVLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.worker.v1.Worker/CloseKVLink',
+            shoal_dot_workers_dot_rpc_dot_worker__pb2.CloseKVLinkRequest.SerializeToString,
+            shoal_dot_workers_dot_rpc_dot_worker__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

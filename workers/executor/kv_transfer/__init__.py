@@ -2,13 +2,15 @@
 decode engine, which publishes them in its prefix cache under the same block hashes.
 
 ``import_blocks``: gather/scatter of blocks and the block ownership on each side (``KVSource``,
-``KVSink``). ``transfer``: the transports (``transfer_in_process``, ``P2PKVChannel`` over gloo).
+``KVSink``). ``link``: ``KVLink``, a point-to-point torch.distributed connection (gloo / NCCL).
+``transfer``: the two halves of one transfer over a link, and the in-process transfer.
 """
 
-from .import_blocks import (ExportedPrefix, KVGeometry, KVSink, KVSource, KVTransferError, PendingImport,
-                            gather_blocks, scatter_blocks, transferable_hashes)
-from .transfer import DECODE_RANK, PREFILL_RANK, P2PKVChannel, TransferStats, transfer_in_process
+from .import_blocks import (CacheBlockIO, ExportedPrefix, KVGeometry, KVSink, KVSource, KVTransferError,
+                            PendingImport, gather_blocks, scatter_blocks, transferable_hashes)
+from .link import RECEIVER, SENDER, KVLink, LinkStore, backend_for
+from .transfer import TransferStats, recv_blocks, send_blocks, transfer_in_process
 
-__all__ = ["DECODE_RANK", "ExportedPrefix", "KVGeometry", "KVSink", "KVSource", "KVTransferError",
-           "P2PKVChannel", "PREFILL_RANK", "PendingImport", "TransferStats", "gather_blocks",
-           "scatter_blocks", "transfer_in_process", "transferable_hashes"]
+__all__ = ["CacheBlockIO", "ExportedPrefix", "KVGeometry", "KVLink", "KVSink", "KVSource", "KVTransferError",
+           "LinkStore", "PendingImport", "RECEIVER", "SENDER", "TransferStats", "backend_for", "gather_blocks",
+           "recv_blocks", "scatter_blocks", "send_blocks", "transfer_in_process", "transferable_hashes"]

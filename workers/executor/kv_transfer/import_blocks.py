@@ -104,6 +104,27 @@ def scatter_blocks(kv_caches: Sequence[KVCache], block_ids: Sequence[int], data:
         v.index_copy_(0, idx, data[layer, 1])
 
 
+class CacheBlockIO:
+    """Block reads and writes on one process's whole KV cache (TP=1: the runner's caches are the model's).
+
+    The shape of what a source gathers and a sink scatters is always the *whole* model's
+    ``[num_layers, 2, n, block_size, num_kv_heads, head_dim]``; a tensor-parallel engine implements the
+    same three members by gathering its ranks' head shards (``tp_group.TPBlockIO``), so prefill and
+    decode may run different TP sizes.
+    """
+
+    def __init__(self, kv_caches: Sequence[KVCache]):
+        self.kv_caches = kv_caches
+        self.geometry = KVGeometry.of(kv_caches)
+        self.device = kv_caches[0][0].device
+
+    def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
+        return gather_blocks(self.kv_caches, block_ids)
+
+    def scatter(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
+        scatter_blocks(self.kv_caches, block_ids, data)
+
+
 # -- prefill side ------------------------------------------------------------------------------------
 
 @dataclass(eq=False)
@@ -121,20 +142,20 @@ class ExportedPrefix:
 class KVSource:
     """The prefill engine's side: pin a computed prompt's blocks, gather the ones asked for."""
 
-    def __init__(self, kv_cache: KVCacheManager, kv_caches: Sequence[KVCache]):
+    def __init__(self, kv_cache: KVCacheManager, io: "CacheBlockIO"):
         if not kv_cache.enable_prefix_caching:
             raise ValueError("KV export needs enable_prefix_caching=True on the prefill engine "
                              "(blocks are found by their hashes)")
-        self.kv_cache, self.kv_caches = kv_cache, kv_caches
-        self.geometry = KVGeometry.of(kv_caches)
+        self.kv_cache, self.io = kv_cache, io
+        self.geometry = io.geometry
         if self.geometry.block_size != kv_cache.block_size:
             raise ValueError(f"block_size of the cache tensors ({self.geometry.block_size}) != the "
                              f"manager's ({kv_cache.block_size})")
 
     @classmethod
     def of_engine(cls, engine) -> "KVSource":
-        """An ``LLMEngine``'s source (TP=1: the runner's caches are the whole model's)."""
-        return cls(engine.kv_cache, engine.runner.kv_caches)
+        """An ``LLMEngine``'s source (any TP size: ``engine.kv_block_io`` gathers whole heads)."""
+        return cls(engine.kv_cache, engine.kv_block_io)
 
     def pin(self, prompt_token_ids: Sequence[int], extra_keys: tuple = ()) -> ExportedPrefix:
         """Pin every transferable block of a prompt the engine has computed; raises if one is missing."""
@@ -156,7 +177,7 @@ class KVSource:
         if bad:
             raise ValueError(f"block indices {bad} are outside the exported prefix of "
                              f"{len(exported.blocks)} blocks")
-        return gather_blocks(self.kv_caches, [exported.blocks[i].block_id for i in indices])
+        return self.io.gather([exported.blocks[i].block_id for i in indices])
 
     def release(self, exported: ExportedPrefix) -> None:
         """Drop the pin, tail first (like ``KVCacheManager.free``); idempotent."""
@@ -184,16 +205,16 @@ class PendingImport:
 class KVSink:
     """The decode engine's side: reserve blocks for what it lacks, then write and publish them."""
 
-    def __init__(self, kv_cache: KVCacheManager, kv_caches: Sequence[KVCache]):
+    def __init__(self, kv_cache: KVCacheManager, io: "CacheBlockIO"):
         if not kv_cache.enable_prefix_caching:
             raise ValueError("KV import needs enable_prefix_caching=True on the decode engine "
                              "(imported blocks become prefix-cache hits)")
-        self.kv_cache, self.kv_caches = kv_cache, kv_caches
-        self.geometry = KVGeometry.of(kv_caches)
+        self.kv_cache, self.io = kv_cache, io
+        self.geometry = io.geometry
 
     @classmethod
     def of_engine(cls, engine) -> "KVSink":
-        return cls(engine.kv_cache, engine.runner.kv_caches)
+        return cls(engine.kv_cache, engine.kv_block_io)
 
     def begin(self, prompt_token_ids: Sequence[int], extra_keys: tuple = ()) -> PendingImport:
         """Reserve a block for each transferable prompt block not already cached here.
@@ -217,14 +238,20 @@ class KVSink:
         pool.touch(present)
         return PendingImport(hashes, missing, pool.allocate(len(missing)), present)
 
-    def commit(self, pending: PendingImport, data: torch.Tensor) -> None:
+    def commit(self, pending: PendingImport, data: torch.Tensor | None) -> None:
         """Write the received blocks, publish them under their hashes, release every reference.
 
-        data: [num_layers, 2, len(pending.missing), block_size, kv_heads, head_dim].
+        data: [num_layers, 2, len(pending.missing), block_size, kv_heads, head_dim]; None when nothing
+        was missing.
         """
         self._check_open(pending)
+        if data is None:
+            if pending.missing:
+                raise ValueError(f"the import lacks {len(pending.missing)} blocks but no data came")
+            self._release(pending)
+            return
         try:
-            scatter_blocks(self.kv_caches, [b.block_id for b in pending.new_blocks], data)
+            self.io.scatter([b.block_id for b in pending.new_blocks], data)
         except BaseException:
             self.abort(pending)
             raise

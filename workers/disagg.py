@@ -1,0 +1,366 @@
+"""Disaggregated serving inside a worker: the prefill side's pinned prompts and links, the decode
+side's pulls.
+
+One request, end to end (the router drives the first two steps):
+
+1. prefill worker, ``Prefill`` RPC: the prompt runs (one token is sampled and dropped); at the moment
+   it finishes, still on the engine thread, its full blocks are pinned in :class:`ExportTable` for
+   ``ttl_s`` and a ``KVHandle`` goes back to the router;
+2. decode worker, ``Generate`` with ``kv_source``: :class:`DecodeSide` reserves blocks for what its
+   prefix cache lacks, takes a link to the prefill worker from its pool (opening one with
+   ``OpenKVLink`` if needed), calls ``PullKV`` (the prefill worker gathers the blocks, unpins the
+   prompt and starts sending), receives, and publishes the blocks in its prefix cache; the request
+   is then added like any other and finds the prompt cached but for its last partial block.
+
+Control travels over gRPC, data over the link (torch.distributed point-to-point). Anything that
+fails undoes itself on its own side: the decode worker aborts its reservation and computes the
+prefill itself; the prefill worker's pin expires after ``ttl_s`` if nobody pulls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Callable
+
+import grpc
+import torch
+
+from .executor.kv_transfer import (ExportedPrefix, KVGeometry, KVLink, KVSink, KVSource, KVTransferError,
+                                   LinkStore, backend_for)
+from .protocol import GenerateRequest
+from .rpc import worker_pb2 as pb
+from .rpc import worker_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from .async_engine import AsyncEngine
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    """Knobs of both sides; validated on construction."""
+
+    export_ttl_s: float = 30.0  # how long a prefilled prompt stays pinned waiting for its pull
+    link_timeout_s: float = 30.0  # limit of one link operation (open, send, receive)
+    rpc_timeout_s: float = 10.0  # limit of one control call to the prefill worker
+    max_links_per_peer: int = 2  # decode side: concurrent transfers from one prefill worker
+    max_links: int = 64  # prefill side: links it keeps open (the least recently used idle one goes)
+    link_idle_s: float = 300.0  # a link unused this long is closed (a peer that left)
+
+    def __post_init__(self) -> None:
+        for name in ("export_ttl_s", "link_timeout_s", "rpc_timeout_s", "link_idle_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"DisaggConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_links_per_peer", "max_links"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DisaggConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def geometry_to_pb(g: KVGeometry) -> pb.KVGeometry:
+    return pb.KVGeometry(num_layers=g.num_layers, block_size=g.block_size, num_kv_heads=g.num_kv_heads,
+                         head_dim=g.head_dim, dtype=_DTYPE_NAMES[g.dtype])
+
+
+def geometry_from_pb(msg: pb.KVGeometry) -> KVGeometry:
+    if msg.dtype not in _DTYPES:
+        raise ValueError(f"KV geometry dtype must be one of {sorted(_DTYPES)}, got {msg.dtype!r}")
+    return KVGeometry(msg.num_layers, msg.block_size, msg.num_kv_heads, msg.head_dim, _DTYPES[msg.dtype])
+
+
+# -- prefill side ------------------------------------------------------------------------------------
+
+class ExportTable:
+    """Prompts pinned for a pull, by request id. Engine thread only (it touches the block pool)."""
+
+    def __init__(self, source: KVSource, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self.source, self.ttl_s, self._clock = source, ttl_s, clock
+        self._pinned: dict[str, tuple[ExportedPrefix, float]] = {}
+        self.num_expired = 0
+
+    def pin(self, request_id: str, prompt_token_ids) -> ExportedPrefix:
+        self.release(request_id)  # the same id prefilled again: the newer pin wins
+        exported = self.source.pin(prompt_token_ids)
+        self._pinned[request_id] = (exported, self._clock() + self.ttl_s)
+        return exported
+
+    def gather_and_release(self, request_id: str, indices: list[int]) -> torch.Tensor | None:
+        """The asked-for blocks' data (None if none asked), and the pin dropped: the data is a copy."""
+        entry = self._pinned.pop(request_id, None)
+        if entry is None:
+            raise KeyError(f"no prefilled prompt {request_id!r} is pinned here (never prefilled, "
+                           f"already pulled, or expired after {self.ttl_s:.0f} s)")
+        exported, _ = entry
+        try:
+            return self.source.gather(exported, indices) if indices else None
+        finally:
+            self.source.release(exported)
+
+    def release(self, request_id: str) -> bool:
+        entry = self._pinned.pop(request_id, None)
+        if entry is not None:
+            self.source.release(entry[0])
+        return entry is not None
+
+    def expire(self) -> None:
+        now = self._clock()
+        for rid in [rid for rid, (_, deadline) in self._pinned.items() if deadline <= now]:
+            self.release(rid)
+            self.num_expired += 1
+            log.warning("prefilled prompt %s was not pulled within %.0f s: unpinned", rid, self.ttl_s)
+
+    def release_all(self) -> None:
+        for rid in list(self._pinned):
+            self.release(rid)
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return sum(len(e.blocks) for e, _ in self._pinned.values())
+
+    def __len__(self) -> int:
+        return len(self._pinned)
+
+
+class PrefillLinks:
+    """The links decode workers opened to this worker, met through one ``LinkStore`` it hosts."""
+
+    def __init__(self, host: str, device: torch.device, config: DisaggConfig):
+        self.config, self.device = config, device
+        self._store = LinkStore(host, 0, timedelta(seconds=config.link_timeout_s))
+        self.host, self.port = host, self._store.port
+        self._links: dict[str, KVLink] = {}
+        self._ready: dict[str, threading.Event] = {}
+        self._errors: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def open(self, link_id: str) -> None:
+        """Join link ``link_id`` as rank 0 in the background (the peer joins as rank 1 meanwhile)."""
+        with self._lock:
+            if link_id in self._ready:
+                raise ValueError(f"link {link_id!r} is already open")
+            self._ready[link_id] = threading.Event()
+        self._retire_extra()
+        threading.Thread(target=self._join, args=(link_id,), name=f"shoal-kv-link-{link_id[:8]}",
+                         daemon=True).start()
+
+    def _join(self, link_id: str) -> None:
+        try:
+            link = KVLink(link_id, 0, self._store.store, device=self.device,
+                          timeout=timedelta(seconds=self.config.link_timeout_s))
+            with self._lock:
+                self._links[link_id] = link
+        except Exception as e:
+            log.warning("KV link %s could not be joined: %s", link_id, e)
+            with self._lock:
+                self._errors[link_id] = str(e)
+        finally:
+            self._ready[link_id].set()
+
+    def get(self, link_id: str) -> KVLink:
+        """The joined link (waits for a join still in progress, at most the link timeout)."""
+        ready = self._ready.get(link_id)
+        if ready is None:
+            raise KeyError(f"no KV link {link_id!r} is open here")
+        ready.wait(self.config.link_timeout_s)
+        with self._lock:
+            link = self._links.get(link_id)
+            if link is None:
+                raise KVTransferError(f"KV link {link_id} is not usable: "
+                                      f"{self._errors.get(link_id, 'still joining')}")
+        if link.broken is not None:
+            self.close(link_id)
+            raise KVTransferError(f"KV link {link_id} broke earlier ({link.broken})")
+        return link
+
+    def close(self, link_id: str) -> None:
+        with self._lock:
+            link = self._links.pop(link_id, None)
+            self._ready.pop(link_id, None)
+            self._errors.pop(link_id, None)
+        if link is not None:
+            link.close()
+
+    def _retire_extra(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            idle = sorted((link.last_used, lid) for lid, link in self._links.items())
+        for n, (last_used, lid) in enumerate(idle):
+            if now - last_used > self.config.link_idle_s or len(idle) - n >= self.config.max_links:
+                self.close(lid)
+
+    def close_all(self) -> None:
+        for lid in list(self._ready):
+            self.close(lid)
+        self._store.close()
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+
+class PrefillSide:
+    """What a worker does as a KV source: ``open_link``, ``pull`` (the ``OpenKVLink`` / ``PullKV`` RPCs)."""
+
+    def __init__(self, engine: "AsyncEngine", host: str, config: DisaggConfig):
+        self.engine, self.config = engine, config
+        self.links = PrefillLinks(host, engine.kv_device, config)
+        self.num_sent_blocks = 0
+
+    def open_link(self, link_id: str, peer_geometry: KVGeometry) -> pb.OpenKVLinkReply:
+        self.engine.kv_geometry.check_same(peer_geometry)
+        self.links.open(link_id)
+        return pb.OpenKVLinkReply(store_host=self.links.host, store_port=self.links.port,
+                                  backend=backend_for(self.engine.kv_device))
+
+    async def pull(self, request_id: str, link_id: str, indices: list[int], tag: int) -> int:
+        """Gather and unpin on the engine thread, then send in the background; -> blocks sent."""
+        link = await asyncio.to_thread(self.links.get, link_id) if indices else None
+        data = await self.engine.call(lambda _: self.engine.exports.gather_and_release(request_id, indices))
+        if data is None:
+            return 0
+        threading.Thread(target=self._send, args=(link, data, tag), daemon=True,
+                         name=f"shoal-kv-send-{request_id[:12]}").start()
+        self.num_sent_blocks += len(indices)
+        return len(indices)
+
+    def _send(self, link: KVLink, data: torch.Tensor, tag: int) -> None:
+        try:
+            link.send(data, tag)
+        except KVTransferError as e:
+            log.warning("%s; closing the link", e)
+            self.links.close(link.link_id)
+
+    def close(self) -> None:
+        self.links.close_all()
+
+
+# -- decode side -------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Peer:
+    endpoint: str
+    channel: grpc.aio.Channel
+    stub: pb_grpc.WorkerStub
+    idle: list[KVLink]
+    busy: int = 0
+    slots: asyncio.Semaphore | None = None
+
+
+class DecodeSide:
+    """What a worker does as a KV sink: pull a request's missing blocks from its prefill worker."""
+
+    def __init__(self, engine: "AsyncEngine", config: DisaggConfig):
+        self.engine, self.config = engine, config
+        self._peers: dict[str, _Peer] = {}
+        self._tags = itertools.count(1)
+        self.num_pulled = self.num_failed = self.num_received_blocks = 0
+
+    async def pull(self, req: GenerateRequest) -> int:
+        """Import the prompt blocks this engine lacks from ``req.kv_source``; -> blocks received.
+
+        Raises (having undone its reservation) when the transfer cannot complete; the caller then
+        lets the engine compute the prefill itself.
+        """
+        handle = req.kv_source
+        sink: KVSink = self.engine.kv_sink
+        pending = await self.engine.call(lambda _: sink.begin(req.prompt_token_ids))
+        try:
+            peer = self._peer(handle.endpoint)
+            if not pending.missing:  # all cached here already: only tell the prefill worker to unpin
+                await self._pull_rpc(peer, handle.request_id, "", [], 0)
+                await self.engine.call(lambda _: sink.commit(pending, None))
+                self.num_pulled += 1
+                return 0
+            async with peer.slots:
+                link = await self._take_link(peer)
+                ok = False
+                try:
+                    tag = next(self._tags)
+                    await self._pull_rpc(peer, handle.request_id, link.link_id, pending.missing, tag)
+                    data = torch.empty(sink.geometry.data_shape(len(pending.missing)), dtype=sink.geometry.dtype,
+                                       device=link.device)
+                    await asyncio.to_thread(link.recv, data, tag)
+                    ok = True
+                finally:
+                    self._give_back(peer, link, ok)
+        except BaseException:
+            self.num_failed += 1
+            await self.engine.call(lambda _: sink.abort(pending))
+            raise
+        await self.engine.call(lambda _: sink.commit(pending, data))
+        self.num_pulled += 1
+        self.num_received_blocks += len(pending.missing)
+        return len(pending.missing)
+
+    async def _pull_rpc(self, peer: _Peer, request_id: str, link_id: str, indices: list[int], tag: int) -> None:
+        try:
+            await peer.stub.PullKV(pb.PullKVRequest(request_id=request_id, link_id=link_id,
+                                                    block_indices=indices, tag=tag),
+                                   timeout=self.config.rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise KVTransferError(f"PullKV to {peer.endpoint} failed: {e.code().name}: {e.details()}") from None
+
+    def _peer(self, endpoint: str) -> _Peer:
+        if not endpoint:
+            raise KVTransferError("the KV handle names no endpoint to pull from")
+        peer = self._peers.get(endpoint)
+        if peer is None:
+            channel = grpc.aio.insecure_channel(endpoint)
+            peer = _Peer(endpoint, channel, pb_grpc.WorkerStub(channel), [],
+                         slots=asyncio.Semaphore(self.config.max_links_per_peer))
+            self._peers[endpoint] = peer
+        return peer
+
+    async def _take_link(self, peer: _Peer) -> KVLink:
+        now = time.monotonic()
+        while peer.idle:
+            link = peer.idle.pop()
+            if link.broken is None and not link.closed and now - link.last_used < self.config.link_idle_s:
+                return link
+            await self._close_link(peer, link)
+        return await self._open_link(peer)
+
+    async def _open_link(self, peer: _Peer) -> KVLink:
+        link_id = uuid.uuid4().hex
+        try:
+            reply = await peer.stub.OpenKVLink(
+                pb.OpenKVLinkRequest(link_id=link_id, peer_worker=self.engine.worker_id,
+                                     geometry=geometry_to_pb(self.engine.kv_geometry)),
+                timeout=self.config.rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise KVTransferError(f"OpenKVLink to {peer.endpoint} failed: {e.code().name}: {e.details()}") from None
+        return await asyncio.to_thread(KVLink.connect, link_id, 1, reply.store_host, reply.store_port,
+                                       device=self.engine.kv_device,
+                                       timeout=timedelta(seconds=self.config.link_timeout_s))
+
+    def _give_back(self, peer: _Peer, link: KVLink, ok: bool) -> None:
+        if ok and link.broken is None:
+            peer.idle.append(link)
+        else:
+            asyncio.ensure_future(self._close_link(peer, link))
+
+    async def _close_link(self, peer: _Peer, link: KVLink) -> None:
+        link.close()
+        try:
+            await peer.stub.CloseKVLink(pb.CloseKVLinkRequest(link_id=link.link_id),
+                                        timeout=self.config.rpc_timeout_s)
+        except grpc.aio.AioRpcError:
+            pass  # the peer is gone; its side closes when its idle timer or its own failure says so
+
+    async def close(self) -> None:
+        """Retire every idle link (telling the peers) and close the control channels."""
+        peers, self._peers = list(self._peers.values()), {}
+        for peer in peers:
+            for link in peer.idle:
+                await self._close_link(peer, link)
+            peer.idle.clear()
+            await peer.channel.close()
