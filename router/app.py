@@ -165,7 +165,7 @@ def _add_status_routes(app: FastAPI, ctx: RouterContext) -> None:
     @app.get("/ready")
     async def ready():
         healthy = sum(1 for s in pool.states() if s.healthy)
-        if not healthy:
+        if not pool.has_healthy():  # prefill workers alone cannot serve a request
             return ctx.no_worker_error().response()
         return {"status": "ready", "healthy_workers": healthy, "workers": len(pool)}
 

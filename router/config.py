@@ -45,6 +45,11 @@ class RouterConfig:
     health_interval_s: float = 1.0
     health_timeout_s: float = 5.0
 
+    # Disaggregated prefill/decode (deployments with prefill-role workers): a prompt goes through a
+    # prefill worker when the chosen decode worker is predicted to lack at least this many of its
+    # tokens; shorter or mostly cached prompts go straight to decode. 0: always, when one is healthy.
+    disagg_min_prefill_tokens: int = 512
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "placement_options", MappingProxyType(dict(self.placement_options)))
         _check(self.served_model_name is None or bool(self.served_model_name), "served_model_name",
@@ -66,3 +71,5 @@ class RouterConfig:
                self.default_completion_max_tokens)
         _check(self.health_interval_s > 0, "health_interval_s", "> 0", self.health_interval_s)
         _check(self.health_timeout_s > 0, "health_timeout_s", "> 0", self.health_timeout_s)
+        _check(isinstance(self.disagg_min_prefill_tokens, int) and self.disagg_min_prefill_tokens >= 0,
+               "disagg_min_prefill_tokens", "an int >= 0", self.disagg_min_prefill_tokens)

@@ -7,19 +7,32 @@ its first token, or on a refusal (4xx), it ends with an error event instead.
 
 A child that ends anywhere but on its worker (a stop string, a cancel, a deadline, a failure) aborts
 itself there, so its KV blocks are freed.
+
+Disaggregated serving (a pool with prefill-role workers): after placing a prompt on its decode worker,
+the planner (``disagg.py``) says whether its prefill goes to a prefill worker. If so, one Prefill call
+per prompt (request id ``<generation>-p<prompt>-prefill``, otherwise sibling 0's request) runs as a
+task its ``n`` children await. Sibling 0 then asks its decode worker to generate with ``kv_source`` =
+the returned handle (the decode worker pulls the blocks it lacks, which unpins them on the prefill
+worker: a handle serves one pull). Its siblings start once it has its first delta (or ended), without
+``kv_source``: by then the imported blocks are in the decode worker's prefix cache. A prefill worker that
+fails is taken out of placement and its children go to decode without ``kv_source`` (it computes the
+prefill itself): never an error for the client. A refusal is a 400, as from a decode worker. Cancelling
+the generation cancels the Prefill call, which aborts it on the prefill worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from typing import AsyncIterator
 
 from shoal.router.placement import PlacementRequest
 from shoal.workers.engine.sampling_params import SamplingParams
-from shoal.workers.protocol import GenerateRequest, TokenDelta
+from shoal.workers.protocol import GenerateRequest, KVHandle, TokenDelta
 
+from . import disagg
 from .choice import Choice, Event
 from .context import RouterContext
 from .errors import ApiError, bad_value
@@ -53,6 +66,8 @@ class Generation:
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._placements: list[PlacementRequest] = []  # per prompt: what the policy is told on a retry
+        self._prefills: list[asyncio.Task] = []  # Prefill calls (at most one per prompt)
+        self._started: list[asyncio.Event] = []  # per prompt: a choice of it had a delta, or ended
         self._open = 0
         self._finished = False
 
@@ -65,10 +80,12 @@ class Generation:
         for p, (preq, ranked) in enumerate(placed):
             predicted = self.ctx.pool.on_placed(preq, ranked[0])
             self.ctx.metrics.observe_placement(ranked[0], len(preq.prompt_token_ids), predicted)
-            for i in range(self.n):
-                choice = self._new_choice(p, i, preq.prompt_token_ids)
+            siblings = [self._new_choice(p, i, preq.prompt_token_ids) for i in range(self.n)]
+            prefill = self._start_prefill(p, preq, ranked, predicted, siblings[0].request)
+            self._started.append(asyncio.Event())
+            for choice in siblings:
                 self.choices.append(choice)
-                self._tasks.append(self.ctx.spawn(self._run(choice, ranked[:_MAX_ATTEMPTS])))
+                self._tasks.append(self.ctx.spawn(self._run(choice, ranked[:_MAX_ATTEMPTS], prefill)))
         self._open = len(self.choices)
 
     async def next_event(self) -> Event | None:
@@ -87,8 +104,9 @@ class Generation:
         return event
 
     def cancel(self) -> None:
-        """Stop every child (synchronous: safe in a cancelled scope); each aborts on its worker."""
-        for task in self._tasks:
+        """Stop every child and Prefill call (synchronous: safe in a cancelled scope); each aborts on
+        its worker."""
+        for task in (*self._prefills, *self._tasks):
             if not task.done():
                 task.cancel()
 
@@ -132,15 +150,93 @@ class Generation:
         req = GenerateRequest(f"{self.id}-{index}", prompt_ids, params, self.priority)
         return Choice(index, prompt_index, req, self.ctx.tok.detokenizer(prompt_ids, params))
 
+    # -- disaggregated prefill -------------------------------------------------------------------
+
+    def _start_prefill(self, prompt_index: int, preq: PlacementRequest, decode: list[str], predicted: int | None,
+                       first: GenerateRequest) -> asyncio.Task | None:
+        """Plan the prompt's prefill path; when it goes through a prefill worker, start that call.
+
+        The task's result is the ``KVHandle``, or None when the prefill worker failed; it raises
+        ``ValueError`` when the worker refused the request. Its done callback (which runs however the
+        task ends, even cancelled before it started) releases the worker's queued tokens and counts
+        the prompt's outcome.
+        """
+        pool, metrics = self.ctx.pool, self.ctx.metrics
+        views = pool.prefill_views()
+        if not views:  # no prefill pool: nothing to decide, nothing to count
+            return None
+        plan = disagg.plan_disagg(preq, decode, predicted, views, self.ctx.config.disagg_min_prefill_tokens)
+        if not plan.disaggregated:
+            metrics.disagg_requests.labels(plan.outcome).inc()
+            return None
+        worker_id, tokens = plan.prefill_workers[0], len(preq.prompt_token_ids)
+        req = dataclasses.replace(first, request_id=f"{self.id}-p{prompt_index}-prefill")
+        pool.acquire_prefill(worker_id, tokens)  # now, so the next prompt's plan sees this one queued
+        task = self.ctx.spawn(self._prefill(worker_id, req))
+
+        def done(t: asyncio.Task) -> None:
+            pool.release_prefill(worker_id, tokens)
+            if t.cancelled():
+                outcome = disagg.CANCELLED
+            elif isinstance(t.exception(), ValueError):  # retrieved here, so never "never retrieved"
+                outcome = disagg.PREFILL_REFUSED
+            else:
+                outcome = disagg.DISAGGREGATED if t.result() is not None else disagg.FALLBACK_PREFILL_FAILED
+            metrics.disagg_requests.labels(outcome).inc()
+
+        task.add_done_callback(done)
+        self._prefills.append(task)
+        return task
+
+    async def _prefill(self, worker_id: str, req: GenerateRequest) -> KVHandle | None:
+        """One Prefill call: the handle; None when the worker failed (it leaves placement); a refusal
+        (``ValueError``) passes through."""
+        pool, metrics = self.ctx.pool, self.ctx.metrics
+        start = self.ctx.clock()
+        try:
+            kv = await pool.handle(worker_id).prefill(req)
+        except ValueError:
+            raise
+        except Exception as e:  # unreachable, deadline, crashed: decode computes the prefill instead
+            metrics.prefill_duration.labels("failed").observe(self.ctx.clock() - start)
+            pool.mark_failed(worker_id, f"{type(e).__name__}: {e}")
+            log.warning("request %s: prefill on worker %s failed (%s); its decode worker computes it",
+                        req.request_id, worker_id, e)
+            return None
+        metrics.prefill_duration.labels("ok").observe(self.ctx.clock() - start)
+        return kv
+
+    async def _await_prefill(self, choice: Choice, prefill: asyncio.Task | None) -> ApiError | None:
+        """Wait for the prompt's prefill; sibling 0 takes the KV handle into its request, the others
+        wait for it to start (see the module docstring). No-op without a prefill or when it failed."""
+        if prefill is None:
+            return None
+        try:
+            # shield: a sibling leaving must not cancel the call the others wait for (cancel() does).
+            kv = await asyncio.shield(prefill)
+        except ValueError as e:
+            return bad_value(e)
+        if kv is None:
+            return None
+        if choice.index % self.n == 0:
+            choice.request = dataclasses.replace(choice.request, kv_source=kv)
+        else:
+            await self._started[choice.prompt_index].wait()
+        return None
+
     # -- one child ------------------------------------------------------------------------------
 
-    async def _run(self, choice: Choice, workers: list[str]) -> None:
+    async def _run(self, choice: Choice, workers: list[str], prefill: asyncio.Task | None = None) -> None:
         """The child's task. It ends with one last event: the finished one :meth:`_apply` queued, or an error."""
         try:
-            error = await self._run_with_retry(choice, workers)
+            error = await self._await_prefill(choice, prefill)
+            if error is None:
+                error = await self._run_with_retry(choice, workers)
         except Exception as e:  # a bug here must end the choice with an error, never hang the client
             log.exception("request %s failed in the router", choice.request.request_id)
             error = ApiError(500, f"router error: {e}")
+        finally:
+            self._started[choice.prompt_index].set()  # its siblings must never wait for it in vain
         if error is not None:
             self._queue.put_nowait(Event(choice, finished=True, error=error))
 
@@ -192,6 +288,7 @@ class Generation:
         """Read deltas until ``choice`` finishes: (why it could not, whether it ended on the worker)."""
         rid = choice.request.request_id
         async for delta in stream:
+            self._started[choice.prompt_index].set()
             if delta.finish_reason in ("error", "abort"):  # we never asked for this abort
                 return ApiError(500, f"worker {worker_id} ended request {rid}: "
                                      f"{delta.error or delta.finish_reason}", code="worker_error"), True

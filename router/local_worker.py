@@ -1,8 +1,8 @@
 """``LocalWorker``: a ``WorkerHandle`` over an in-process ``AsyncEngine`` (tests, single-process serving).
 
 It adds no transport, so it shows what the router needs of any worker: the engine's own
-``generate``/``abort``/``load``/``info``/KV subscription, plus a refusal (``WorkerUnavailable``) once
-the engine's loop has stopped, where a call would otherwise wait forever.
+``generate``/``prefill``/``abort``/``load``/``info``/KV subscription, plus a refusal
+(``WorkerUnavailable``) once the engine's loop has stopped, where a call would otherwise wait forever.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, AsyncIterator
 
-from shoal.workers.protocol import GenerateRequest, KVEventBatch, TokenDelta, WorkerInfo, WorkerLoad
+from shoal.workers.protocol import GenerateRequest, KVEventBatch, KVHandle, TokenDelta, WorkerInfo, WorkerLoad
 
 from .worker_pool import WorkerUnavailable
 
@@ -35,6 +35,11 @@ class LocalWorker:
         self._check_alive()
         async for delta in self.engine.generate(req):  # leaving early aborts it on the engine
             yield delta
+
+    async def prefill(self, req: GenerateRequest) -> KVHandle:
+        """The engine's prefill (prefill-role engines); cancelling the await aborts it there."""
+        self._check_alive()
+        return await self.engine.prefill(req)
 
     async def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

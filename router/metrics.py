@@ -7,6 +7,11 @@ is what the worker then said it found (``num_cached_tokens`` of the request's de
 counters over the same prompts; their ratio to ``prompt_tokens`` is the hit rate. The workers' own
 lifetime counters (``WorkerLoad.num_prefix_hits / num_prefix_queries``, all routers' traffic) are
 exported per worker beside them.
+
+Disaggregated serving: ``disagg_requests_total{outcome}`` counts each prompt once by the path it took
+(the outcome names are ``shoal.router.disagg.OUTCOMES``), ``prefill_duration_seconds{outcome}`` times
+the Prefill calls ("ok" or "failed"), and ``worker_prefill_tokens`` shows per prefill worker the prompt
+tokens this router has queued there.
 """
 
 from __future__ import annotations
@@ -67,6 +72,15 @@ class RouterMetrics:
         self.worker_prefix_hit_rate = Gauge(f"{p}_worker_prefix_hit_rate",
                                             "Worker-reported prefix cache hits / queried prompt tokens",
                                             ["worker"], registry=r)
+        self.disagg_requests = Counter(f"{p}_disagg_requests", "Prompts by their prefill path (through a "
+                                       "prefill worker or straight to decode, and why)", ["outcome"],
+                                       registry=r)
+        self.prefill_duration = Histogram(f"{p}_prefill_duration_seconds",
+                                          "Prefill calls on prefill workers, by outcome (ok | failed)",
+                                          ["outcome"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.worker_prefill_tokens = Gauge(f"{p}_worker_prefill_tokens",
+                                           "Prompt tokens in this router's open Prefill calls on the worker",
+                                           ["worker"], registry=r)
         self._predicted = self._reported = self._prompt = 0
         self._known_workers: set[str] = set()
 
@@ -104,11 +118,13 @@ class RouterMetrics:
             self.worker_waiting.labels(w).set(s.load.num_waiting)
             self.worker_kv_usage.labels(w).set(s.load.kv_usage)
             self.worker_in_flight.labels(w).set(s.in_flight)
+            if s.role == "prefill":
+                self.worker_prefill_tokens.labels(w).set(s.prefill_tokens)
             if s.load.num_prefix_queries:
                 self.worker_prefix_hit_rate.labels(w).set(s.load.num_prefix_hits / s.load.num_prefix_queries)
         for gone in self._known_workers - seen:  # a removed worker's series disappear
             for g in (self.worker_healthy, self.worker_running, self.worker_waiting, self.worker_kv_usage,
-                      self.worker_in_flight, self.worker_prefix_hit_rate):
+                      self.worker_in_flight, self.worker_prefix_hit_rate, self.worker_prefill_tokens):
                 try:
                     g.remove(gone)
                 except KeyError:

@@ -15,7 +15,8 @@ from typing import AsyncIterator
 
 import grpc
 
-from shoal.workers.protocol import GenerateRequest, KVEventBatch, TokenDelta, WorkerInfo, WorkerLoad
+from shoal.workers.protocol import (GenerateRequest, KVEventBatch, KVHandle, TokenDelta, WorkerInfo,
+                                    WorkerLoad)
 from shoal.workers.rpc import codec
 from shoal.workers.rpc import worker_pb2 as pb
 from shoal.workers.rpc import worker_pb2_grpc as pb_grpc
@@ -23,13 +24,13 @@ from shoal.workers.rpc import worker_pb2_grpc as pb_grpc
 from .worker_pool import WorkerUnavailable
 
 
-
 class GrpcWorkerClient:
     """Async client of one worker's ``shoal.worker.v1.Worker`` service.
 
     ``connect_timeout_s`` bounds one connection attempt; ``rpc_timeout_s`` is the deadline of unary
     calls; ``first_token_timeout_s`` the time a ``generate`` stream may take to send its first delta
-    (queueing plus prefill). The channel opens on first use, in the caller's event loop.
+    (queueing plus prefill), and so also the deadline of a ``prefill`` call. The channel opens on
+    first use, in the caller's event loop.
     """
 
     def __init__(self, worker_id: str, endpoint: str, *, connect_timeout_s: float = 5.0,
@@ -101,6 +102,22 @@ class GrpcWorkerClient:
                     return
         finally:
             call.cancel()  # a no-op once the call ended; otherwise tells the worker to abort
+
+    async def prefill(self, req: GenerateRequest) -> KVHandle:
+        """Compute the prompt's KV on this (prefill) worker; the handle says where its blocks are
+        pinned. Cancelling the await cancels the call, which aborts the prefill on the worker."""
+        call = self._stub.Prefill(codec.generate_request_to_pb(req), timeout=self.first_token_timeout_s)
+        try:
+            reply = await call
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
+        finally:
+            call.cancel()  # a no-op once the call ended; on our cancellation, tells the worker to abort
+        try:
+            return codec.kv_handle_from_pb(reply)
+        except ValueError as e:  # the worker's reply, not the request, is bad: not the caller's 400
+            raise WorkerUnavailable(self.worker_id, f"sent a malformed KV handle: {e}",
+                                    code="INTERNAL") from None
 
     async def _read(self, call, started: bool, first_timeout_s: float, what: str):
         """A stream's next message, the first one under a deadline; transport errors become

@@ -6,9 +6,14 @@ The pool is the router's only view of the fleet. It
 * keeps one KV-event subscription per healthy worker feeding the placement policy, and resubscribes
   (a fresh snapshot) after a ``seq`` gap, a disconnect, a policy asking for resync, or the worker
   turning healthy again (it may have restarted with an empty cache);
-* counts this router's in-flight requests per worker (fresher than the load reports);
+* counts this router's in-flight requests per worker (fresher than the load reports), and per
+  prefill worker the prompt tokens of this router's open Prefill calls;
 * hands the policy ``WorkerView``s in which an unhealthy worker is marked so, which keeps it out of
   placement until a poll finds it healthy again.
+
+Roles (``WorkerInfo.role``): "unified" and "decode" workers serve Generate and are what the policy
+ranks; "prefill" workers only serve Prefill calls, so the policy never sees them (nor their KV
+events): the disaggregation planner (``disagg.py``) chooses among them from :meth:`prefill_views`.
 
 Workers join and leave at run time (``add`` / ``remove_worker``): the cluster registry feeds it.
 It lives on one event loop: call it from the loop that ran :meth:`start`.
@@ -23,12 +28,14 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Protocol, runtime_checkable
 
 from shoal.router.placement import PlacementPolicy, PlacementRequest, WorkerView, make_policy
-from shoal.workers.protocol import GenerateRequest, KVEventBatch, TokenDelta, WorkerInfo, WorkerLoad
+from shoal.workers.protocol import GenerateRequest, KVEventBatch, KVHandle, TokenDelta, WorkerInfo, WorkerLoad
 
 from .config import RouterConfig
+from .disagg import PrefillView
 
 log = logging.getLogger(__name__)
 
+PREFILL_ROLE = "prefill"
 _NO_LOAD = WorkerLoad(num_running=0, num_waiting=0, kv_usage=0.0, num_free_blocks=0, num_total_blocks=0)
 
 
@@ -52,12 +59,16 @@ class WorkerHandle(Protocol):
 
     ``generate`` streams the request's deltas; closing the iterator early aborts the request on the
     worker. A ``ValueError`` from it means the request is invalid there (do not retry elsewhere);
-    any other exception means the worker failed.
+    any other exception means the worker failed. ``prefill`` (prefill-role workers) computes the
+    prompt's KV, keeps its full blocks pinned for a while and says where they are; the same errors
+    apply, and cancelling the call aborts it on the worker.
     """
 
     worker_id: str
 
     def generate(self, req: GenerateRequest) -> AsyncIterator[TokenDelta]: ...
+
+    async def prefill(self, req: GenerateRequest) -> KVHandle: ...
 
     async def abort(self, request_id: str) -> None: ...
 
@@ -80,8 +91,9 @@ class WorkerState:
     info: WorkerInfo | None = None
     load: WorkerLoad = _NO_LOAD
     healthy: bool = False
-    in_flight: int = 0
-    num_placed: int = 0  # requests (prompts) this router placed on it
+    in_flight: int = 0  # this router's open Generate calls (Prefill calls, on a prefill worker)
+    prefill_tokens: int = 0  # prompt tokens of this router's open Prefill calls on it
+    num_placed: int = 0  # requests (prompts) this router placed on it (prefills, on a prefill worker)
     last_error: str | None = None
     last_healthy_at: float | None = None
     kv_batches: int = 0  # KV event batches applied to the policy
@@ -91,6 +103,16 @@ class WorkerState:
     @property
     def worker_id(self) -> str:
         return self.handle.worker_id
+
+    @property
+    def role(self) -> str | None:
+        """The role the worker reported; None until it first answered."""
+        return self.info.role if self.info is not None else None
+
+    @property
+    def generates(self) -> bool:
+        """Serves Generate calls (unified or decode), so the placement policy may rank it."""
+        return self.info is not None and self.info.role != PREFILL_ROLE
 
 
 class WorkerPool:
@@ -239,6 +261,10 @@ class WorkerPool:
             return
         if state.kv_task is not None:
             state.kv_task.cancel()
+            state.kv_task = None
+        if not state.generates:  # the policy never ranks a prefill worker: its KV view is dead weight
+            self.policy.on_worker_removed(state.worker_id)
+            return
         state.kv_task = asyncio.get_running_loop().create_task(
             self._kv_loop(state), name=f"shoal-kv-{state.worker_id}")
 
@@ -285,16 +311,23 @@ class WorkerPool:
     # -- placement ------------------------------------------------------------------------------
 
     def views(self) -> list[WorkerView]:
-        """What the policy sees: every worker that has ever answered (unhealthy ones marked so)."""
+        """What the policy sees: every Generate-serving worker that has ever answered (unhealthy ones
+        marked so). Prefill workers are not in it: they never serve a Generate."""
         return [WorkerView(s.worker_id, s.load, s.healthy, s.in_flight)
-                for s in self._workers.values() if s.info is not None]
+                for s in self._workers.values() if s.generates]
 
     def rank(self, request: PlacementRequest) -> list[str]:
-        """Healthy worker ids, best first, by the policy."""
-        healthy = {s.worker_id for s in self._workers.values() if s.healthy}
+        """Healthy Generate-serving worker ids, best first, by the policy."""
+        healthy = {s.worker_id for s in self._workers.values() if s.healthy and s.generates}
         if not healthy:
             return []
         return [w for w in self.policy.choose(request, self.views()) if w in healthy]
+
+    def prefill_views(self) -> list[PrefillView]:
+        """Every prefill-role worker that has ever answered, with this router's queued tokens there
+        ([] in a deployment without prefill workers: then nothing is disaggregated)."""
+        return [PrefillView(s.worker_id, s.load, s.healthy, s.prefill_tokens)
+                for s in self._workers.values() if s.role == PREFILL_ROLE]
 
     def on_placed(self, request: PlacementRequest, worker_id: str) -> int | None:
         """Tell the policy; returns the prompt tokens it predicts cached there (None: no prediction)."""
@@ -316,6 +349,20 @@ class WorkerPool:
         if state is not None and state.in_flight > 0:
             state.in_flight -= 1
 
+    def acquire_prefill(self, worker_id: str, prompt_tokens: int) -> None:
+        """A Prefill call of ``prompt_tokens`` starts on ``worker_id``: it queues there until released."""
+        state = self._workers.get(worker_id)
+        if state is not None:
+            state.in_flight += 1
+            state.prefill_tokens += prompt_tokens
+            state.num_placed += 1
+
+    def release_prefill(self, worker_id: str, prompt_tokens: int) -> None:
+        state = self._workers.get(worker_id)
+        if state is not None:
+            state.in_flight = max(state.in_flight - 1, 0)
+            state.prefill_tokens = max(state.prefill_tokens - prompt_tokens, 0)
+
     # -- queries --------------------------------------------------------------------------------
 
     def handle(self, worker_id: str) -> WorkerHandle:
@@ -331,7 +378,8 @@ class WorkerPool:
         return list(self._workers.values())
 
     def has_healthy(self) -> bool:
-        return any(s.healthy for s in self._workers.values())
+        """Some worker can serve a request (a Generate-serving one: prefill workers alone cannot)."""
+        return any(s.healthy and s.generates for s in self._workers.values())
 
     def max_model_len(self) -> int | None:
         """The smallest max_model_len among known workers: a prompt that fits it fits any of them."""
