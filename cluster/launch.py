@@ -82,7 +82,8 @@ class EtcdRouter:
         if router.policy == "prefix_aware":
             options.setdefault("block_size", self.spec.block_size)
         config = RouterConfig(placement=router.policy, placement_options=options,
-                              health_interval_s=self.health_interval_s)
+                              health_interval_s=self.health_interval_s,
+                              disagg_min_prefill_tokens=router.disagg_min_prefill_tokens)
         self.pool = make_pool(config)
         app = create_app(config, self.pool, await asyncio.to_thread(self._tokenizer))
         sock = bind_socket(self.host, self.port)
@@ -101,11 +102,7 @@ class EtcdRouter:
                 raise RuntimeError("the router exited at start")
             await asyncio.sleep(0.02)
 
-        def on_add(record):
-            if record.role != "unified":  # prefill/decode pairs need the disaggregated path
-                log.warning("router ignores %s: role %s is not served by shoal launch yet",
-                            record.worker_id, record.role)
-                return
+        def on_add(record):  # the pool learns each worker's role (unified / prefill / decode) from it
             self.pool.add(GrpcWorkerClient(record.worker_id, record.endpoint))
 
         async def on_remove(worker_id):
@@ -204,9 +201,6 @@ async def _launch(spec: DeploymentSpec, args: argparse.Namespace) -> int:
 
 def launch(args: argparse.Namespace) -> int:
     spec = load_spec(args.file)
-    if set(spec.pools) != {"unified"}:
-        raise ValueError(f"pools {sorted(spec.pools)}: shoal launch serves a unified pool only for now "
-                         "(prefill/decode pools need the disaggregated router)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _connect_ray(args.address)

@@ -224,11 +224,14 @@ class RouterSpec:
     policy: str = "prefix_aware"  # a name from shoal.router.placement.available_policies()
     port: int = 8000
     policy_options: Mapping[str, Any] = field(default_factory=dict)  # passed to make_policy
+    # With prefill + decode pools: a prompt whose uncached part is shorter goes straight to decode.
+    disagg_min_prefill_tokens: int = 512
 
     def __post_init__(self) -> None:
         from shoal.router.placement import available_policies  # torch-free
 
         _check_int(self.replicas, "replicas", minimum=1)
+        _check_int(self.disagg_min_prefill_tokens, "disagg_min_prefill_tokens", minimum=0)
         _check_int(self.port, "port", minimum=1, maximum=65535)
         if self.policy not in available_policies():
             raise SpecError("policy", f"must be one of {available_policies()}, got {self.policy!r}")
@@ -238,11 +241,13 @@ class RouterSpec:
 
     def to_dict(self) -> dict:
         return {"replicas": self.replicas, "policy": self.policy, "port": self.port,
-                "policy_options": dict(self.policy_options)}
+                "policy_options": dict(self.policy_options),
+                "disagg_min_prefill_tokens": self.disagg_min_prefill_tokens}
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "router") -> "RouterSpec":
-        d = _mapping(data, path, ("replicas", "policy", "port", "policy_options"), "a router field")
+        d = _mapping(data, path, ("replicas", "policy", "port", "policy_options", "disagg_min_prefill_tokens"),
+                     "a router field")
         with _under(path):
             return cls(**d)
 

@@ -10,22 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import tempfile
 import threading
 import time
 
-from pathlib import Path
-
 import pytest
-
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from ray_support import LoopThread, two_node_cluster, wait_until
 
 import httpx  # noqa: E402
 import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from shoal.cluster.controller import Controller, bundle_of, control_key  # noqa: E402
 from shoal.cluster.etcd import EmbeddedEtcd  # noqa: E402
@@ -53,58 +45,10 @@ def tiny_spec(model_dir, tokenizer, etcd_endpoint: str, replicas: int = 2, name:
         "etcd": {"endpoints": etcd_endpoint}})
 
 
-class LoopThread:
-    """An asyncio loop in a daemon thread: the controller's and router's home across tests."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-loop")
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 120.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1) -> float:
-    """Seconds it took for ``predicate()`` to hold; fails the test after ``timeout``."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
-        time.sleep(interval)
-    return time.monotonic() - start
-
-
-def short_tmpdir(tag: str) -> Path:
-    """A directory directly under /tmp: Ray's socket paths below it must fit in 107 bytes, which
-    pytest's tmp_path (longer under xdist) does not guarantee. Callers remove it."""
-    return Path(tempfile.mkdtemp(prefix=f"shoal-{tag}-", dir="/tmp"))
-
-
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    base = short_tmpdir("rt")
-    temp = base / "ray"
-    temp.mkdir()
-    # Cluster writes its address to $RAY_TMPDIR/ray/ray_current_cluster (default /tmp/ray): keep it ours.
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_TMPDIR", str(base))
-    temp = str(temp)
-    common = dict(num_cpus=2, node_ip_address="127.0.0.1", temp_dir=temp)
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        resources={"slot": 1}, include_dashboard=False, **common))
-    try:
-        cluster.add_node(resources={"slot": 1}, **common)
-        ray.init(address=cluster.address, log_to_driver=False)
+def ray_cluster():
+    with two_node_cluster() as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        mp.undo()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
