@@ -182,6 +182,7 @@ BENCHMARKS = [
     ("kernels", "kernels", "Triton kernels in GB/s and TFLOP/s beside copy bandwidth and matmul peak"),
     ("serve", "serve", "load generator for any OpenAI-compatible server: TTFT, TPOT, ITL, throughput"),
     ("router", "router", "time the router adds between client and worker, both ways, at concurrency 1"),
+    ("kv-transfer", "kv_transfer", "KV block transfer bandwidth between two devices beside the send/recv ceiling"),
 ]
 
 

@@ -26,7 +26,9 @@ import torch.distributed as dist
 from .import_blocks import KVTransferError
 
 SENDER, RECEIVER = 0, 1
-_POLL_S = 0.0005  # NCCL completion polling interval (gloo's wait takes a timeout itself)
+# NCCL completion polling (gloo's wait takes a timeout itself): spin for the first few milliseconds,
+# where a small transfer ends, then sleep between polls so a long wait does not burn a core.
+_SPIN_S, _POLL_S = 0.005, 0.0005
 
 
 def backend_for(device: torch.device | str) -> str:
@@ -142,11 +144,14 @@ class KVLink:
     def _wait(self, work, what: str) -> None:
         try:
             if self.backend == "nccl":
-                deadline = time.monotonic() + self.timeout.total_seconds()
+                start = time.monotonic()
+                deadline = start + self.timeout.total_seconds()
                 while not work.is_completed():
-                    if time.monotonic() > deadline:
+                    now = time.monotonic()
+                    if now > deadline:
                         raise RuntimeError(f"timed out after {self.timeout.total_seconds():.0f} s")
-                    time.sleep(_POLL_S)
+                    if now - start > _SPIN_S:
+                        time.sleep(_POLL_S)
                 work.wait()
             else:
                 work.wait(self.timeout)
