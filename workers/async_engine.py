@@ -269,6 +269,11 @@ class AsyncEngine:
 
     # -- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        device = self.engine.config.torch_device
+        if device.type == "cuda" and device.index is not None:
+            import torch
+
+            torch.cuda.set_device(device)  # the current device is per thread
         core = self.engine.core
         while not self._stop.is_set():
             self._heartbeat = self._clock()

@@ -34,6 +34,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         device = config.torch_device
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # Triton launches on the current device (this thread's)
         dtype = resolve_dtype(config.dtype, device)
         source = resolve_model(config.model)
         self.tokenizer = self._load_tokenizer(config, source)

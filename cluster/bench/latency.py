@@ -43,6 +43,8 @@ def graph_replay_ms(llm, iters: int = 50) -> float | None:
     """Device time of the captured batch-1 decode forward (no scheduling, sampling or host work)."""
     import torch
 
+    if llm.engine.tp is not None:
+        return None  # rank 0's graph alone would wait in its all-reduce for ranks that do not replay
     graphs = llm.engine.runner.graphs
     if graphs is None or graphs.size_for(1) is None:
         return None
@@ -58,13 +60,26 @@ def graph_replay_ms(llm, iters: int = 50) -> float | None:
     return start.elapsed_time(end) / iters
 
 
+def step_profile_ms(llm) -> dict[str, float]:
+    """Mean milliseconds per engine step of each part: scheduling, the executor (rank 0's view, with
+    the broadcast to other ranks), and inside rank 0's runner: input prep, launch, sampling wait."""
+    core, runner = llm.engine.core.times, llm.engine.runner.times
+    steps = max(core.steps, 1)
+    return {"schedule": core.schedule_s / steps * 1e3, "execute": core.execute_s / steps * 1e3,
+            "update": core.update_s / steps * 1e3, "runner_prepare": runner.prepare_s / steps * 1e3,
+            "runner_forward": runner.forward_s / steps * 1e3, "runner_sample": runner.sample_s / steps * 1e3,
+            "runner_gpu": runner.gpu_s / steps * 1e3}
+
+
 def roofline_bytes(model, context: int, dtype_bytes: int) -> tuple[int, int]:
     """(weight bytes a decode step reads, KV bytes it reads at ``context`` tokens)."""
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())
     if not cfg.tie_word_embeddings:
         params -= model.model.embed_tokens.weight.numel()  # only one row of the embedding is read
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context
+    # Per GPU: a tensor-parallel rank reads its own shard of the weights and of the KV heads.
+    kv_heads = model.model.layers[0].self_attn.num_local_kv_heads
+    kv = 2 * cfg.num_hidden_layers * kv_heads * cfg.head_dim * context
     return params * dtype_bytes, kv * dtype_bytes
 
 
@@ -107,11 +122,14 @@ def run_from_args(args: argparse.Namespace) -> dict:
             row["pct_of_roofline"] = 100 * row["roofline_ms"] / row["median_step_ms"]
         rows.append(row)
     payload["graph_replay_ms"] = graph_replay_ms(llm)
+    payload["step_profile_ms"] = step_profile_ms(llm)
     payload["results"] = rows
     print(format_table(rows, title=f"batch-1 decode latency, {args.model}"))
     for k, v in payload.get("ceilings", {}).items():
         print(f"{k}: {v:,.1f}")
+    print("per step on rank 0 (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in payload["step_profile_ms"].items()))
     if payload["graph_replay_ms"] is not None:
         print(f"GPU time of the batch-1 forward alone (CUDA graph replay): {payload['graph_replay_ms']:.3f} ms")
     write_json(args.result_file, payload)
+    llm.shutdown()  # tensor-parallel ranks, if any
     return payload

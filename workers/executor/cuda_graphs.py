@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 
 import torch
+import torch.distributed
 
 from shoal.workers.models.llama import KVCache, LlamaForCausalLM
 
@@ -40,6 +41,9 @@ class DecodeGraphs:
     def capture(self) -> None:
         pool = None
         width = self.buffers.max_blocks_per_seq
+        # torch's default capture stream is made once per process, on whichever device was current
+        # then: an engine on another GPU of the same process must bring its own.
+        stream = torch.cuda.Stream(self.kv_caches[0][0].device)
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             n, seqs, _, _ = self.buffers.fill([], self.block_size, pad_to=bs)
             inputs = self.buffers.upload(n, seqs, [], 1, self.max_model_len, width)
@@ -47,7 +51,10 @@ class DecodeGraphs:
                 self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # With tensor parallelism the forward's all-reduces are captured too, while NCCL's watchdog
+            # thread keeps querying events: a "global" capture would forbid that thread's CUDA calls.
+            mode = "thread_local" if torch.distributed.is_initialized() else "global"
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode=mode):
                 out = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
             pool = graph.pool()
             self.graphs[bs] = graph

@@ -96,9 +96,15 @@ class TPGroup:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return int(t.item())
 
-    def destroy(self) -> None:
+    def destroy(self, abort: bool = False) -> None:
+        """Leave the group. ``abort`` after a failure: NCCL's orderly destroy can wait forever on a
+        communicator a dead or stuck peer shares, so tear it down without waiting."""
         self.control = None  # a live group object keeps the rendezvous store (and its port) open
-        if dist.is_initialized():
+        if not dist.is_initialized():
+            return
+        if abort and dist.get_backend() == "nccl":
+            dist.distributed_c10d._abort_process_group()
+        else:
             dist.destroy_process_group()
 
 
@@ -167,6 +173,14 @@ class TPRank:
         scatter_blocks(self.runner.kv_caches, block_ids,
                        data[..., lay.kv_head_start:lay.kv_head_start + lay.num_kv_heads, :].contiguous())
 
+    def release_graphs(self) -> None:
+        """Drop the CUDA graphs before the group goes: graphs that captured NCCL collectives keep the
+        communicator busy, and destroying it under them waits forever."""
+        if self.runner is not None and self.runner.graphs is not None:
+            self.runner.graphs = None
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     def _layouts(self) -> list:
         cfg = self.model.config
         return [tp_layout(cfg, r, self.group.world_size) for r in range(self.group.world_size)]
@@ -204,6 +218,7 @@ def run_worker(config: EngineConfig, rank: int, rdv: Rendezvous) -> None:
         group = TPGroup(rank, rdv, store)
         worker = TPRank(config, group)
         serve(worker)
+        worker.release_graphs()
         store.set(f"{_KEY}/diverged/{rank}", str(worker.num_diverged))
     except BaseException:
         try:
@@ -371,8 +386,10 @@ class MultiprocTPExecutor:
             key = f"{_KEY}/diverged/{r}"
             if self._store.check([key]):
                 self.num_diverged[r] = int(self._store.get(key))
+        if self.rank is not None and self._failure is None:
+            self.rank.release_graphs()
         if self.group is not None:
-            self.group.destroy()
+            self.group.destroy(abort=self._failure is not None)
         self._finalizer.detach()
         if self._saved_threads is not None:
             torch.set_num_threads(self._saved_threads)
@@ -418,4 +435,7 @@ def _abandon(processes: list) -> None:
     """An executor dropped without shutdown: reap its workers and leave the group it made."""
     _reap(processes)
     if dist.is_initialized():  # ours: TPGroup refuses to start in a process that already had one
-        dist.destroy_process_group()
+        if dist.get_backend() == "nccl":  # the peers are gone: an orderly destroy would wait for them
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
