@@ -81,6 +81,11 @@ class RouterMetrics:
         self.worker_prefill_tokens = Gauge(f"{p}_worker_prefill_tokens",
                                            "Prompt tokens in this router's open Prefill calls on the worker",
                                            ["worker"], registry=r)
+        # Block accounting per worker: at rest free == total; a gap that stays is a leak.
+        self.worker_blocks = Gauge(f"{p}_worker_kv_blocks", "Worker-reported KV blocks by state: total, free "
+                                   "(incl. evictable cached), cached (hold a prefix hash), pinned (prefilled, "
+                                   "awaiting a pull), importing (reserved for KV arriving)", ["worker", "state"],
+                                   registry=r)
         self._predicted = self._reported = self._prompt = 0
         self._known_workers: set[str] = set()
 
@@ -122,11 +127,20 @@ class RouterMetrics:
                 self.worker_prefill_tokens.labels(w).set(s.prefill_tokens)
             if s.load.num_prefix_queries:
                 self.worker_prefix_hit_rate.labels(w).set(s.load.num_prefix_hits / s.load.num_prefix_queries)
+            for state, n in (("total", s.load.num_total_blocks), ("free", s.load.num_free_blocks),
+                             ("cached", s.load.num_cached_blocks), ("pinned", s.load.num_pinned_blocks),
+                             ("importing", s.load.num_importing_blocks)):
+                self.worker_blocks.labels(w, state).set(n)
         for gone in self._known_workers - seen:  # a removed worker's series disappear
             for g in (self.worker_healthy, self.worker_running, self.worker_waiting, self.worker_kv_usage,
                       self.worker_in_flight, self.worker_prefix_hit_rate, self.worker_prefill_tokens):
                 try:
                     g.remove(gone)
+                except KeyError:
+                    pass
+            for state in ("total", "free", "cached", "pinned", "importing"):
+                try:
+                    self.worker_blocks.remove(gone, state)
                 except KeyError:
                     pass
         self._known_workers = seen

@@ -39,6 +39,37 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
             future.set_result(result)
 
 
+class _Call:
+    """A function for the engine thread and the future its caller awaits. Either the caller abandons it
+    first (then the engine thread runs ``undo`` on the result itself) or the engine thread finishes
+    first (then the abandoning caller queues ``undo``): never both, never neither."""
+
+    def __init__(self, fn, undo, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+        self.fn, self.undo, self.loop, self.future = fn, undo, loop, future
+        self._lock = threading.Lock()
+        self._done = self._abandoned = False
+        self.result, self.error = None, None
+
+    def run(self, engine) -> None:
+        try:
+            result, error = self.fn(engine), None
+        except BaseException as e:  # noqa: BLE001  (handed to the caller)
+            result, error = None, e
+        with self._lock:
+            self._done, self.result, self.error = True, result, error
+            abandoned = self._abandoned
+        if not abandoned:
+            self.loop.call_soon_threadsafe(_settle, self.future, result, error)
+        elif error is None and self.undo is not None:
+            self.undo(result)
+
+    def abandon(self) -> bool:
+        """The caller leaves. True if the engine thread already produced a result the caller must undo."""
+        with self._lock:
+            self._abandoned = True
+            return self._done and self.error is None
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -169,16 +200,26 @@ class AsyncEngine:
             if not done:
                 self.abort(req.request_id)
 
-    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
-        """Run ``fn(engine)`` on the engine thread between steps (block pool and executor are its alone)."""
+    async def call(self, fn: Callable[[LLMEngine], Any], undo: Callable[[Any], None] | None = None) -> Any:
+        """Run ``fn(engine)`` on the engine thread between steps (block pool and executor are its alone).
+
+        ``undo(result)`` runs on the engine thread instead of handing the result over if the caller is
+        cancelled first (a reservation nobody will use must be given back, not leaked).
+        """
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._commands.put(("call", (fn, _Stream(loop, future))))
-        while not future.done():  # a loop that died never answers: do not wait for it forever
-            await asyncio.wait({future}, timeout=1.0)
-            if not future.done() and not self._thread.is_alive():
-                raise RuntimeError("the engine loop is not running")
-        return future.result()
+        pending = _Call(fn, undo, loop, loop.create_future())
+        self._commands.put(("call", pending))
+        try:
+            while not pending.future.done():  # a loop that died never answers: do not wait forever
+                await asyncio.wait({pending.future}, timeout=1.0)
+                if not pending.future.done() and not self._thread.is_alive():
+                    raise RuntimeError("the engine loop is not running")
+        except BaseException:
+            if pending.abandon() and undo is not None:  # the engine thread already ran fn
+                result = pending.result
+                self._commands.put(("call", _Call(lambda _: undo(result), None, loop, loop.create_future())))
+            raise
+        return pending.future.result()
 
     @property
     def exports(self) -> "ExportTable":
@@ -260,7 +301,10 @@ class AsyncEngine:
         return WorkerLoad(
             num_running=len(sched.running), num_waiting=len(sched.waiting) + self._commands.qsize(),
             kv_usage=kv.usage(), num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.pool.num_blocks,
-            num_prefix_queries=sched.stats.num_prefix_queries, num_prefix_hits=sched.stats.num_prefix_hits)
+            num_prefix_queries=sched.stats.num_prefix_queries, num_prefix_hits=sched.stats.num_prefix_hits,
+            num_cached_blocks=kv.pool.num_cached_blocks,
+            num_pinned_blocks=self._exports.num_pinned_blocks if self._exports is not None else 0,
+            num_importing_blocks=self._decode_side.num_importing_blocks if self._decode_side is not None else 0)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(worker_id=self.worker_id, model=self.engine.config.model,
@@ -322,13 +366,7 @@ class AsyncEngine:
             self.engine.core.add_request(Request(req.request_id, req.prompt_token_ids, req.sampling,
                                                  self.engine.eos_token_ids, req.priority))
         elif kind == "call":
-            fn, stream = arg
-            try:
-                result = fn(self.engine)
-            except BaseException as e:
-                stream.loop.call_soon_threadsafe(_settle, stream.queue, None, e)
-            else:
-                stream.loop.call_soon_threadsafe(_settle, stream.queue, result, None)
+            arg.run(self.engine)
         elif kind == "abort":
             self._exporting.pop(arg, None)
             if self._exports is not None:

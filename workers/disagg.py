@@ -67,6 +67,33 @@ class DisaggConfig:
                 raise ValueError(f"DisaggConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
+async def in_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on a thread of its own. Link operations block for up to the link timeout,
+    and one waits for another's peer: on asyncio's small shared pool they could starve each other."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def run():
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001  (handed to the awaiting coroutine)
+            loop.call_soon_threadsafe(_settle, future, None, e)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=run, daemon=True, name=f"shoal-kv-{getattr(fn, '__name__', 'op')}").start()
+    return await future
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.done():  # the awaiting coroutine was cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 def geometry_to_pb(g: KVGeometry) -> pb.KVGeometry:
     return pb.KVGeometry(num_layers=g.num_layers, block_size=g.block_size, num_kv_heads=g.num_kv_heads,
                          head_dim=g.head_dim, dtype=_DTYPE_NAMES[g.dtype])
@@ -87,11 +114,13 @@ class ExportTable:
         self.source, self.ttl_s, self._clock = source, ttl_s, clock
         self._pinned: dict[str, tuple[ExportedPrefix, float]] = {}
         self.num_expired = 0
+        self.num_pinned_blocks = 0  # kept as a counter: other threads read it for load reports
 
     def pin(self, request_id: str, prompt_token_ids) -> ExportedPrefix:
         self.release(request_id)  # the same id prefilled again: the newer pin wins
         exported = self.source.pin(prompt_token_ids)
         self._pinned[request_id] = (exported, self._clock() + self.ttl_s)
+        self.num_pinned_blocks += len(exported.blocks)
         return exported
 
     def gather_and_release(self, request_id: str, indices: list[int]) -> torch.Tensor | None:
@@ -104,13 +133,17 @@ class ExportTable:
         try:
             return self.source.gather(exported, indices) if indices else None
         finally:
-            self.source.release(exported)
+            self._unpin(exported)
 
     def release(self, request_id: str) -> bool:
         entry = self._pinned.pop(request_id, None)
         if entry is not None:
-            self.source.release(entry[0])
+            self._unpin(entry[0])
         return entry is not None
+
+    def _unpin(self, exported: ExportedPrefix) -> None:
+        self.num_pinned_blocks -= len(exported.blocks)
+        self.source.release(exported)
 
     def expire(self) -> None:
         now = self._clock()
@@ -122,10 +155,6 @@ class ExportTable:
     def release_all(self) -> None:
         for rid in list(self._pinned):
             self.release(rid)
-
-    @property
-    def num_pinned_blocks(self) -> int:
-        return sum(len(e.blocks) for e, _ in self._pinned.values())
 
     def __len__(self) -> int:
         return len(self._pinned)
@@ -155,8 +184,9 @@ class PrefillLinks:
 
     def _join(self, link_id: str) -> None:
         try:
-            link = KVLink(link_id, 0, self._store.store, device=self.device,
-                          timeout=timedelta(seconds=self.config.link_timeout_s))
+            # A store client of its own: joins on several threads must not share the server's object.
+            link = KVLink.connect(link_id, 0, self.host, self.port, device=self.device,
+                                  timeout=timedelta(seconds=self.config.link_timeout_s))
             with self._lock:
                 self._links[link_id] = link
         except Exception as e:
@@ -223,8 +253,9 @@ class PrefillSide:
 
     async def pull(self, request_id: str, link_id: str, indices: list[int], tag: int) -> int:
         """Gather and unpin on the engine thread, then send in the background; -> blocks sent."""
-        link = await asyncio.to_thread(self.links.get, link_id) if indices else None
+        link = await in_thread(self.links.get, link_id) if indices else None
         data = await self.engine.call(lambda _: self.engine.exports.gather_and_release(request_id, indices))
+        # (Cancelled meanwhile, the gather still ran and unpinned the prompt: nothing is left to undo.)
         if data is None:
             return 0
         threading.Thread(target=self._send, args=(link, data, tag), daemon=True,
@@ -263,6 +294,7 @@ class DecodeSide:
         self._peers: dict[str, _Peer] = {}
         self._tags = itertools.count(1)
         self.num_pulled = self.num_failed = self.num_received_blocks = 0
+        self.num_importing_blocks = 0  # reserved for pulls in flight
 
     async def pull(self, req: GenerateRequest) -> int:
         """Import the prompt blocks this engine lacks from ``req.kv_source``; -> blocks received.
@@ -272,7 +304,8 @@ class DecodeSide:
         """
         handle = req.kv_source
         sink: KVSink = self.engine.kv_sink
-        pending = await self.engine.call(lambda _: sink.begin(req.prompt_token_ids))
+        pending = await self.engine.call(lambda _: sink.begin(req.prompt_token_ids), undo=sink.abort)
+        self.num_importing_blocks += len(pending.missing)
         try:
             peer = self._peer(handle.endpoint)
             if not pending.missing:  # all cached here already: only tell the prefill worker to unpin
@@ -288,7 +321,7 @@ class DecodeSide:
                     await self._pull_rpc(peer, handle.request_id, link.link_id, pending.missing, tag)
                     data = torch.empty(sink.geometry.data_shape(len(pending.missing)), dtype=sink.geometry.dtype,
                                        device=link.device)
-                    await asyncio.to_thread(link.recv, data, tag)
+                    await in_thread(link.recv, data, tag)
                     ok = True
                 finally:
                     self._give_back(peer, link, ok)
@@ -296,6 +329,8 @@ class DecodeSide:
             self.num_failed += 1
             await self.engine.call(lambda _: sink.abort(pending))
             raise
+        finally:
+            self.num_importing_blocks -= len(pending.missing)
         await self.engine.call(lambda _: sink.commit(pending, data))
         self.num_pulled += 1
         self.num_received_blocks += len(pending.missing)
@@ -338,9 +373,8 @@ class DecodeSide:
                 timeout=self.config.rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise KVTransferError(f"OpenKVLink to {peer.endpoint} failed: {e.code().name}: {e.details()}") from None
-        return await asyncio.to_thread(KVLink.connect, link_id, 1, reply.store_host, reply.store_port,
-                                       device=self.engine.kv_device,
-                                       timeout=timedelta(seconds=self.config.link_timeout_s))
+        return await in_thread(KVLink.connect, link_id, 1, reply.store_host, reply.store_port,
+                               device=self.engine.kv_device, timeout=timedelta(seconds=self.config.link_timeout_s))
 
     def _give_back(self, peer: _Peer, link: KVLink, ok: bool) -> None:
         if ok and link.broken is None:

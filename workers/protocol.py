@@ -98,6 +98,11 @@ class WorkerLoad:
     num_total_blocks: int
     num_prefix_queries: int = 0  # prompt tokens looked up in the prefix cache since start
     num_prefix_hits: int = 0  # of those, tokens found cached
+    # Block accounting, so a leak shows on a dashboard: at rest free == total; cached blocks are a
+    # subset of free (evictable) or of the in-use ones; pinned and importing are disaggregation's.
+    num_cached_blocks: int = 0
+    num_pinned_blocks: int = 0
+    num_importing_blocks: int = 0
 
 
 @dataclass(frozen=True)

@@ -416,3 +416,94 @@ def test_a_deadline_during_prefill_cancels_the_call_on_the_prefill_worker(make_e
                     await asyncio.gather(busy, return_exceptions=True)
 
     asyncio.run(main())
+
+
+# -- under load: aborts and a dying prefill worker ------------------------------------------------------
+
+
+def test_500_requests_with_aborts_and_a_killed_prefill_worker_leak_nothing(tiny_model_dir, tok):
+    """500 requests over 2 prefill and 2 decode workers, a fifth of them abandoned by their client at
+    a random moment, and one prefill worker killed halfway: every request that was not abandoned ends
+    (200, or an error status), none hangs, and afterwards every worker's blocks are all free (cached
+    or not) with nothing pinned or reserved."""
+    from shoal.workers.config import EngineConfig
+    from shoal.workers.disagg import DisaggConfig
+    from shoal.workers.llm_engine import LLMEngine
+
+    def engine(worker_id: str, role: str) -> AsyncEngine:
+        cfg = EngineConfig(model=tiny_model_dir, load_format="dummy", device="cpu", dtype="float32",
+                           kv_events=True, num_kv_blocks=160, block_size=BS, max_model_len=1024)
+        return AsyncEngine(LLMEngine(cfg), worker_id=worker_id, role=role,
+                           disagg=DisaggConfig(export_ttl_s=2.0, link_timeout_s=10, rpc_timeout_s=10)).start()
+
+    engines_ = [engine("p0", "prefill"), engine("p1", "prefill"), engine("d0", "decode"), engine("d1", "decode")]
+    rng = random.Random(7)
+    heads = [prompt(48, seed=300 + g) for g in range(8)]  # shared prefixes: partial hits on decode workers
+    plans = [(heads[rng.randrange(8)] + prompt(rng.randrange(1, 120), seed=1000 + i), rng.randrange(1, 9),
+              rng.random() < 0.5, rng.random() < 0.2, rng.uniform(0.0, 0.15)) for i in range(500)]
+
+    async def main():
+        async with grpc_workers(*engines_) as workers:
+            async with router(workers, tok, disagg_min_prefill_tokens=0, health_interval_s=0.2,
+                              request_timeout_s=60) as (url, app):
+                limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+                async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+                    gate = asyncio.Semaphore(24)
+
+                    async def one(i: int):
+                        ids, max_tokens, stream, abandon, delay = plans[i]
+                        body = {"prompt": list(ids), "max_tokens": max_tokens, "temperature": 0,
+                                "ignore_eos": True, "stream": stream}
+                        async with gate:
+                            call = asyncio.ensure_future(_post(client, url, body, stream))
+                            if abandon:
+                                await asyncio.sleep(delay)
+                                call.cancel()  # the client goes away: its connection closes
+                            try:
+                                return await asyncio.wait_for(call, 60)
+                            except asyncio.CancelledError:
+                                return "abandoned"
+
+                    first = await asyncio.gather(*(one(i) for i in range(250)))
+                    await workers[0].stop()  # a prefill worker dies with work queued behind it
+                    engines_[0].shutdown()
+                    second = await asyncio.gather(*(one(i) for i in range(250, 500)))
+                results = first + second
+                statuses = [r for r in results if r != "abandoned"]
+                assert len(results) == 500 and len(statuses) >= 350
+                assert all(s == 200 or (isinstance(s, int) and s >= 500) for s in statuses), set(statuses)
+                assert statuses.count(200) >= 0.95 * len(statuses)
+                counts = await outcomes(url)
+                assert counts.get(disagg.DISAGGREGATED, 0) > 100
+            # Pins of prefills whose client left before the pull expire (2 s); pulls in flight end.
+            deadline = asyncio.get_running_loop().time() + 20
+            for e in engines_[1:]:
+                while True:
+                    load = e.load()
+                    if (load.num_pinned_blocks, load.num_importing_blocks, load.num_running) == (0, 0, 0) \
+                            and load.num_free_blocks == load.num_total_blocks:
+                        break
+                    assert asyncio.get_running_loop().time() < deadline, (e.worker_id, load)
+                    await asyncio.sleep(0.1)
+                await e.call(lambda eng: eng.kv_cache.check_no_leak())
+            engines_[0].engine.kv_cache.check_no_leak()  # the dead one released everything on its way out
+
+    try:
+        asyncio.run(main())
+    finally:
+        for e in engines_:
+            e.shutdown()
+
+
+async def _post(client: httpx.AsyncClient, url: str, body: dict, stream: bool) -> int:
+    """The final status of one completion: 200 only if a streamed one also ended cleanly."""
+    if not stream:
+        return (await client.post(f"{url}/v1/completions", json=body)).status_code
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            return resp.status_code
+        done = errored = False
+        async for line in resp.aiter_lines():
+            errored |= line.startswith("data: {\"error\"")
+            done |= line == "data: [DONE]"
+        return 500 if errored or not done else 200
