@@ -124,7 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "router in front of them. Stops everything on Ctrl-C / SIGTERM.")
     srv.add_argument("--host", default="127.0.0.1", help="router address (default: %(default)s)")
     srv.add_argument("--port", type=int, default=8000, help="router port; 0 picks a free one (default: %(default)s)")
-    srv.add_argument("--workers", type=int, default=1, help="engine worker processes (default: %(default)s)")
+    srv.add_argument("--workers", type=int, default=1, help="engine worker processes (default: %(default)s); "
+                     "with --prefill-workers, the decode workers")
+    srv.add_argument("--prefill-workers", type=int, default=0,
+                     help="disaggregated serving: this many prefill workers hand prompts' KV blocks to the "
+                          "--workers decode workers (default: %(default)s: none, unified workers)")
+    srv.add_argument("--disagg-min-prefill-tokens", type=int, default=512,
+                     help="with prefill workers: a prompt whose part uncached on its decode worker is shorter "
+                          "goes straight to decode (default: %(default)s)")
     srv.add_argument("--policy", default="prefix_aware",
                      help="placement: prefix_aware, least_load, round_robin, session (default: %(default)s)")
     srv.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -30,9 +31,37 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def worker_roles(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(worker id, role) of each worker: ``--workers`` unified ones, or with ``--prefill-workers N``
+    that many prefill workers and ``--workers`` decode ones (disaggregated serving)."""
+    if args.prefill_workers < 0:
+        raise ValueError(f"--prefill-workers must be >= 0, got {args.prefill_workers}")
+    if not args.prefill_workers:
+        return [(f"worker-{i}", "unified") for i in range(args.workers)]
+    return ([(f"prefill-{i}", "prefill") for i in range(args.prefill_workers)]
+            + [(f"decode-{i}", "decode") for i in range(args.workers)])
+
+
+def gpu_assignment(args: argparse.Namespace, num_workers: int) -> list[dict[str, str]]:
+    """Per worker, the environment that gives it GPUs of its own when there are enough
+    (``tensor_parallel_size`` each, in order); otherwise nothing (they share what they see)."""
+    if args.device == "cpu" or (args.device not in ("auto", "cuda")):
+        return [{}] * num_workers  # cpu, or an explicit cuda:N for all of them
+    import torch
+
+    per = args.tensor_parallel_size
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if num_workers < 2 or len(ids) < num_workers * per:
+        return [{}] * num_workers
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[i * per:(i + 1) * per])} for i in range(num_workers)]
+
+
 def start_workers(args: argparse.Namespace) -> list[WorkerProcess]:
     flags = engine_flags(args)
-    workers = [WorkerProcess(f"worker-{i}", flags) for i in range(args.workers)]
+    roles = worker_roles(args)
+    envs = gpu_assignment(args, len(roles))
+    workers = [WorkerProcess(wid, flags, role=role, env=env) for (wid, role), env in zip(roles, envs)]
     for w in workers:
         w.start()
     try:
@@ -47,6 +76,13 @@ def start_workers(args: argparse.Namespace) -> list[WorkerProcess]:
 def stop_workers(workers: list[WorkerProcess]) -> None:
     with ThreadPoolExecutor(max(len(workers), 1)) as pool:
         list(pool.map(lambda w: w.stop(), workers))
+
+
+def _count_roles(roles: list[tuple[str, str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, role in roles:
+        counts[role] = counts.get(role, 0) + 1
+    return counts
 
 
 def _router_server(app):
@@ -88,9 +124,11 @@ def serve(args: argparse.Namespace) -> int:
     config = RouterConfig(
         served_model_name=args.served_model_name or args.model, placement=args.policy,
         placement_options={"block_size": args.block_size} if args.policy == "prefix_aware" else {},
-        max_concurrent_requests=args.max_concurrent_requests, max_waiting_requests=args.max_waiting_requests)
+        max_concurrent_requests=args.max_concurrent_requests, max_waiting_requests=args.max_waiting_requests,
+        disagg_min_prefill_tokens=args.disagg_min_prefill_tokens)
     sock = bind_socket(args.host, args.port)
-    print(f"shoal serve: starting {args.workers} worker(s) for {args.model} ...", flush=True)
+    roles = ", ".join(f"{n} {r}" for r, n in _count_roles(worker_roles(args)).items())
+    print(f"shoal serve: starting {roles} worker(s) for {args.model} ...", flush=True)
     workers = start_workers(args)
     try:
         pool = make_pool(config)
@@ -100,7 +138,7 @@ def serve(args: argparse.Namespace) -> int:
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"shoal serve: ready on http://{shown}:{port}/v1 (model {config.served_model_name!r}, "
-              f"{len(workers)} worker(s), placement {args.policy})", flush=True)
+              f"{roles} worker(s), placement {args.policy})", flush=True)
         server.run(sockets=[sock])
     finally:
         stop_workers(workers)

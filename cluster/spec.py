@@ -357,6 +357,15 @@ class DeploymentSpec:
             have, need = ("prefill", "decode") if "prefill" in self.pools else ("decode", "prefill")
             raise SpecError(f"pools.{need}", f"is required with pools.{have} "
                                              "(disaggregated serving hands KV from prefill to decode)")
+        for role in ("prefill", "decode"):
+            if role in self.pools and not self.pools[role].engine_option("enable_prefix_caching"):
+                raise SpecError(f"pools.{role}.engine.enable_prefix_caching", "must be true: prompts' KV "
+                                "blocks are handed over and found by their hashes")
+        if "prefill" in self.pools:
+            dtypes = {r: self.pools[r].engine_option("dtype") for r in ("prefill", "decode")}
+            if dtypes["prefill"] != dtypes["decode"]:
+                raise SpecError("pools.decode.engine.dtype", f"must equal pools.prefill's ({dtypes['prefill']!r}, "
+                                f"got {dtypes['decode']!r}): KV blocks are copied as raw bytes")
         roles = list(self.pools)
         first = self.pools[roles[0]].engine_option("block_size")
         for role in roles[1:]:

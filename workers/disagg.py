@@ -52,8 +52,10 @@ class DisaggConfig:
     """Knobs of both sides; validated on construction."""
 
     export_ttl_s: float = 30.0  # how long a prefilled prompt stays pinned waiting for its pull
-    link_timeout_s: float = 30.0  # limit of one link operation (open, send, receive)
-    rpc_timeout_s: float = 10.0  # limit of one control call to the prefill worker
+    # Limits of one link operation (open, send, receive) and of one control call to the prefill
+    # worker: a whole pull stays well inside the router's first-token deadline (60 s by default).
+    link_timeout_s: float = 15.0
+    rpc_timeout_s: float = 5.0
     max_links_per_peer: int = 2  # decode side: concurrent transfers from one prefill worker
     max_links: int = 64  # prefill side: links it keeps open (the least recently used idle one goes)
     link_idle_s: float = 300.0  # a link unused this long is closed (a peer that left)
@@ -194,7 +196,9 @@ class PrefillLinks:
             with self._lock:
                 self._errors[link_id] = str(e)
         finally:
-            self._ready[link_id].set()
+            ready = self._ready.get(link_id)  # closed meanwhile: nobody waits for it any more
+            if ready is not None:
+                ready.set()
 
     def get(self, link_id: str) -> KVLink:
         """The joined link (waits for a join still in progress, at most the link timeout)."""
@@ -253,7 +257,11 @@ class PrefillSide:
 
     async def pull(self, request_id: str, link_id: str, indices: list[int], tag: int) -> int:
         """Gather and unpin on the engine thread, then send in the background; -> blocks sent."""
-        link = await in_thread(self.links.get, link_id) if indices else None
+        try:
+            link = await in_thread(self.links.get, link_id) if indices else None
+        except Exception:  # no usable link: the prompt stays unsent, so do not keep it pinned either
+            await self.engine.call(lambda _: self.engine.exports.release(request_id))
+            raise
         data = await self.engine.call(lambda _: self.engine.exports.gather_and_release(request_id, indices))
         # (Cancelled meanwhile, the gather still ran and unpinned the prompt: nothing is left to undo.)
         if data is None:
@@ -282,7 +290,6 @@ class _Peer:
     channel: grpc.aio.Channel
     stub: pb_grpc.WorkerStub
     idle: list[KVLink]
-    busy: int = 0
     slots: asyncio.Semaphore | None = None
 
 
@@ -306,6 +313,7 @@ class DecodeSide:
         sink: KVSink = self.engine.kv_sink
         pending = await self.engine.call(lambda _: sink.begin(req.prompt_token_ids), undo=sink.abort)
         self.num_importing_blocks += len(pending.missing)
+        pulled = False  # PullKV answered: the prefill worker unpinned the prompt itself
         try:
             peer = self._peer(handle.endpoint)
             if not pending.missing:  # all cached here already: only tell the prefill worker to unpin
@@ -313,20 +321,26 @@ class DecodeSide:
                 await self.engine.call(lambda _: sink.commit(pending, None))
                 self.num_pulled += 1
                 return 0
-            async with peer.slots:
+            await asyncio.wait_for(peer.slots.acquire(), self.config.link_timeout_s)
+            try:
                 link = await self._take_link(peer)
                 ok = False
                 try:
                     tag = next(self._tags)
                     await self._pull_rpc(peer, handle.request_id, link.link_id, pending.missing, tag)
+                    pulled = True
                     data = torch.empty(sink.geometry.data_shape(len(pending.missing)), dtype=sink.geometry.dtype,
                                        device=link.device)
                     await in_thread(link.recv, data, tag)
                     ok = True
                 finally:
                     self._give_back(peer, link, ok)
+            finally:
+                peer.slots.release()
         except BaseException:
             self.num_failed += 1
+            if not pulled:  # the prefill worker still pins the prompt: ask it to let go (best effort)
+                asyncio.ensure_future(self._unpin_quietly(handle))
             await self.engine.call(lambda _: sink.abort(pending))
             raise
         finally:
@@ -335,6 +349,12 @@ class DecodeSide:
         self.num_pulled += 1
         self.num_received_blocks += len(pending.missing)
         return len(pending.missing)
+
+    async def _unpin_quietly(self, handle) -> None:
+        try:
+            await self._pull_rpc(self._peer(handle.endpoint), handle.request_id, "", [], 0)
+        except Exception:
+            pass  # gone or already unpinned; its TTL covers the rest
 
     async def _pull_rpc(self, peer: _Peer, request_id: str, link_id: str, indices: list[int], tag: int) -> None:
         try:

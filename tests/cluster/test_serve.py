@@ -88,3 +88,32 @@ def test_workers_die_with_a_killed_parent():
     proc.kill()  # no cleanup code runs in the parent
     proc.wait()
     assert wait_gone(pids, 30)
+
+
+def test_disaggregated_serve_hands_prompts_from_prefill_to_decode():
+    """``--prefill-workers 1 --workers 1``: a long prompt is prefilled on the prefill worker, its KV
+    moves to the decode worker (reported as cached there), and the answer equals a unified worker's."""
+    import httpx
+
+    prompt = "The history of the city of Paris begins " + "long before the Romans arrived, " * 12
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
+    proc, url = start_serve("--workers", "1")
+    try:
+        unified = httpx.post(f"{url}/completions", json={**body, "model": "smollm2-135m"}, timeout=60).json()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    proc, url = start_serve("--prefill-workers", "1", "--workers", "1", "--disagg-min-prefill-tokens", "32")
+    try:
+        roles = sorted(cmd[cmd.index("--role") + 1] for cmd in
+                       (open(f"/proc/{p}/cmdline").read().split("\0") for p in worker_pids(proc)))
+        assert roles == ["decode", "prefill"]
+        got = httpx.post(f"{url}/completions", json={**body, "model": "smollm2-135m"}, timeout=60).json()
+        assert got["choices"][0]["text"] == unified["choices"][0]["text"]
+        prompt_tokens = got["usage"]["prompt_tokens"]
+        assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == (prompt_tokens - 1) // 16 * 16
+        metrics = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text
+        assert 'shoal_router_disagg_requests_total{outcome="disaggregated"} 1.0' in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0

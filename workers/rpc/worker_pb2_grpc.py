@@ -148,8 +148,8 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PullKV(self, request, context):
-        """Send the asked-for blocks of a pinned prompt over an open link (the caller posts the matching
-        receive), then unpin the prompt. Empty indices only unpin.
+        """Gather the asked-for blocks of a pinned prompt, unpin it, answer, and send the blocks over the
+        open link in the background (the caller posts the matching receive). Empty indices only unpin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -70,7 +70,7 @@ class KVGeometry:
     def check_same(self, other: "KVGeometry") -> None:
         if self != other:
             raise ValueError(f"KV cache geometry differs between the engines: {self} vs {other} "
-                             f"(same model, block_size, dtype and tensor-parallel size are required)")
+                             f"(same model, block_size and dtype are required; TP sizes may differ)")
 
 
 def gather_blocks(kv_caches: Sequence[KVCache], block_ids: Sequence[int]) -> torch.Tensor:

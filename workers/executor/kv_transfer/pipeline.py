@@ -7,7 +7,7 @@ gather and the last chunk's scatter are not hidden.
 
 Both ends must call with the same block count, cache geometry and ``layers_per_chunk``: chunks are
 matched in order (NCCL ignores tags; gloo matches equal tags first come, first served), and the
-caller's handshake is what checks the geometry (as ``P2PKVChannel`` does).
+caller's handshake is what checks the geometry (the workers' ``OpenKVLink`` compares geometries).
 
 Chunks move through a ring of ``NUM_BUFFERS`` buffers of ``[layers_per_chunk, 2, n_blocks,
 block_size, kv_heads, head_dim]``, not a whole-request buffer. A buffer is refilled only after the
