@@ -43,9 +43,12 @@ def control_key(deployment: str, prefix: str = "/shoal") -> str:
 
 
 def bundle_of(pool: PoolSpec, extra: Mapping[str, float] | None = None) -> dict[str, float]:
-    """One TP rank's Ray resources; zero entries are left out (Ray refuses an all-zero bundle)."""
-    res = pool.resources_per_rank
-    bundle = {"CPU": res.cpu, "GPU": res.gpu, "memory": res.memory, **dict(extra or {})}
+    """A replica's Ray resources: every TP rank's, in one bundle (so one node, and one actor that holds
+    them all: Ray then shows rank 0 all N GPUs, and its engine starts ranks 1..N-1 on them as local
+    processes). Zero entries are left out (Ray refuses an all-zero bundle)."""
+    res, n = pool.resources_per_rank, pool.tensor_parallel_size
+    bundle = {"CPU": res.cpu * n, "GPU": res.gpu * n, "memory": res.memory * n,
+              **{k: v * n for k, v in dict(extra or {}).items()}}
     bundle = {k: v for k, v in bundle.items() if v}
     if not bundle:
         raise ValueError("resources_per_rank must reserve something (CPU, GPU or memory > 0): "
@@ -113,7 +116,7 @@ class Controller:
             raise
 
     async def _reserve(self, role: str, index: int, pool: PoolSpec) -> Replica:
-        bundles = [bundle_of(pool, self.extra) for _ in range(pool.tensor_parallel_size)]
+        bundles = [bundle_of(pool, self.extra)]
         pg = placement_group(bundles, strategy="STRICT_PACK", name=f"shoal-{self.spec.name}-{role}-{index}")
         replica = Replica(role, index, pg)
         try:
@@ -122,16 +125,17 @@ class Controller:
             remove_placement_group(pg)
             raise RuntimeError(
                 f"replica {role}-{index} of {self.spec.name!r} could not be placed within "
-                f"{self.start_timeout_s:.0f} s: it needs {pool.tensor_parallel_size} x {bundles[0]} on one "
+                f"{self.start_timeout_s:.0f} s: it needs {bundles[0]} on one "
                 f"node; cluster has {ray.available_resources()} available") from None
         return replica
 
     async def _start_actor(self, replica: Replica) -> None:
         pool = self.spec.pools[replica.role]
-        res = pool.resources_per_rank
+        bundle = bundle_of(pool, self.extra)  # the actor takes its whole replica's bundle
+        custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")}
         actor_cls = ray.remote(WorkerActor).options(
-            num_cpus=res.cpu, num_gpus=res.gpu, memory=res.memory or None,
-            resources={k: v for k, v in self.extra.items() if v} or None, max_restarts=0,
+            num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), memory=bundle.get("memory") or None,
+            resources=custom or None, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(replica.pg, placement_group_bundle_index=0))
         replica.actor = actor_cls.remote(
             self.spec.name, replica.role, replica.worker_id, self.spec.model, dict(pool.engine),

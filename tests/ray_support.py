@@ -52,8 +52,8 @@ def short_tmpdir(tag: str) -> Path:
 
 
 @contextlib.contextmanager
-def two_node_cluster(num_cpus: int = 2):
-    """A head and one more node on 127.0.0.1, each with one ``slot`` resource; ``ray.init`` joined."""
+def two_node_cluster(num_cpus: int = 2, slots: tuple[int, int] = (1, 1)):
+    """A head and one more node on 127.0.0.1 with ``slots`` of the ``slot`` resource; ``ray.init`` joined."""
     base = short_tmpdir("rt")
     temp = base / "ray"
     temp.mkdir()
@@ -62,9 +62,9 @@ def two_node_cluster(num_cpus: int = 2):
     mp.setenv("RAY_TMPDIR", str(base))
     common = dict(num_cpus=num_cpus, node_ip_address="127.0.0.1", temp_dir=str(temp))
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        resources={"slot": 1}, include_dashboard=False, **common))
+        resources={"slot": slots[0]}, include_dashboard=False, **common))
     try:
-        cluster.add_node(resources={"slot": 1}, **common)
+        cluster.add_node(resources={"slot": slots[1]}, **common)
         ray.init(address=cluster.address, log_to_driver=False)
         yield cluster
     finally:

@@ -108,6 +108,10 @@ def test_bundle_refuses_an_empty_reservation(tiny_dir):
     with pytest.raises(ValueError, match="resources_per_rank must reserve something"):
         bundle_of(spec.pools["unified"])
     assert bundle_of(spec.pools["unified"], {"slot": 1}) == {"slot": 1}
+    # A TP replica is one bundle holding every rank's share: its rank-0 actor sees all of its GPUs.
+    tp = DeploymentSpec.from_dict({"name": "x", "model": str(tiny_dir), "pools": {"unified": {
+        "tensor_parallel_size": 4, "resources_per_rank": {"CPU": 2, "GPU": 1, "memory": "1Gi"}}}})
+    assert bundle_of(tp.pools["unified"], {"slot": 1}) == {"CPU": 8, "GPU": 4, "memory": 4 * 2**30, "slot": 4}
 
 
 def test_replicas_spread_register_and_serve(deployment):

@@ -1,6 +1,7 @@
-"""A disaggregated deployment on a real 2-node Ray cluster: a prefill pool on one node, a decode pool on
-the other, etcd membership, the router pairing them. Its greedy tokens equal a unified engine's, also
-when the decode worker already holds part of a prompt."""
+"""A disaggregated deployment on a real 2-node Ray cluster: a prefill pool (TP=1) on one node, a decode
+pool (TP=2: its rank-0 actor starts rank 1 as a local process) on the other, etcd membership, the
+router pairing them. Its greedy tokens equal a unified engine's, also when the decode worker already
+holds part of a prompt; KV heads are re-split from one rank to two on the way."""
 
 from __future__ import annotations
 
@@ -34,11 +35,13 @@ def deployment(tmp_path_factory, smollm2_path):
     (tiny / "config.json").write_text(json.dumps(PRESETS["tiny-smollm2-vocab"]))
     engine = {**ENGINE, "tokenizer": str(smollm2_path)}
     pool = {"replicas": 1, "resources_per_rank": {"CPU": 1}, "engine": engine}
-    with two_node_cluster() as _:
+    # The decode replica (2 ranks x 1 slot) fits only the second node; reserved first, it leaves the
+    # head's one slot to the prefill replica.
+    with two_node_cluster(slots=(1, 2)) as _:
         etcd = EmbeddedEtcd(tmp_path_factory.mktemp("etcd") / "data", unsafe_no_fsync=True).start()
         loop = LoopThread()
         spec = DeploymentSpec.from_dict({
-            "name": NAME, "model": str(tiny), "pools": {"prefill": pool, "decode": pool},
+            "name": NAME, "model": str(tiny), "pools": {"decode": {**pool, "tensor_parallel_size": 2}, "prefill": pool},
             "router": {"policy": "prefix_aware", "port": 8000, "disagg_min_prefill_tokens": 0},
             "etcd": {"endpoints": etcd.endpoint}})
         client = loop.run(connect(etcd.endpoint))
