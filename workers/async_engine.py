@@ -58,7 +58,10 @@ class _Call:
         with self._lock:
             self._done, self.result, self.error = True, result, error
             abandoned = self._abandoned
-        if not abandoned:
+        if self.future is None:  # call_soon: nobody waits
+            if error is not None:
+                log.error("engine-thread call failed: %r", error)
+        elif not abandoned:
             self.loop.call_soon_threadsafe(_settle, self.future, result, error)
         elif error is None and self.undo is not None:
             self.undo(result)
@@ -220,6 +223,10 @@ class AsyncEngine:
                 self._commands.put(("call", _Call(lambda _: undo(result), None, loop, loop.create_future())))
             raise
         return pending.future.result()
+
+    def call_soon(self, fn: Callable[[LLMEngine], Any]) -> None:
+        """Queue ``fn(engine)`` for the engine thread without waiting (from any thread)."""
+        self._commands.put(("call", _Call(fn, None, None, None)))
 
     @property
     def exports(self) -> "ExportTable":

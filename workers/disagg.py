@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Callable
 import grpc
 import torch
 
-from .executor.kv_transfer import (ExportedPrefix, KVGeometry, KVLink, KVSink, KVSource, KVTransferError,
-                                   LinkStore, backend_for)
+from .executor.kv_transfer import (CacheBlockIO, ExportedPrefix, KVGeometry, KVLink, KVSink, KVSource,
+                                   KVTransferError, LinkStore, backend_for, pipeline)
 from .protocol import GenerateRequest
 from .rpc import worker_pb2 as pb
 from .rpc import worker_pb2_grpc as pb_grpc
@@ -59,6 +59,9 @@ class DisaggConfig:
     max_links_per_peer: int = 2  # decode side: concurrent transfers from one prefill worker
     max_links: int = 64  # prefill side: links it keeps open (the least recently used idle one goes)
     link_idle_s: float = 300.0  # a link unused this long is closed (a peer that left)
+    # Transfers move in chunks of this many layers, received straight into the decode cache, so
+    # gather, wire and scatter overlap (when each side's cache is in one process); 0: one tensor.
+    layers_per_chunk: int = 4
 
     def __post_init__(self) -> None:
         for name in ("export_ttl_s", "link_timeout_s", "rpc_timeout_s", "link_idle_s"):
@@ -67,6 +70,8 @@ class DisaggConfig:
         for name in ("max_links_per_peer", "max_links"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DisaggConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.layers_per_chunk < 0:
+            raise ValueError(f"DisaggConfig.layers_per_chunk must be >= 0, got {self.layers_per_chunk}")
 
 
 async def in_thread(fn, *args, **kwargs):
@@ -125,13 +130,21 @@ class ExportTable:
         self.num_pinned_blocks += len(exported.blocks)
         return exported
 
-    def gather_and_release(self, request_id: str, indices: list[int]) -> torch.Tensor | None:
-        """The asked-for blocks' data (None if none asked), and the pin dropped: the data is a copy."""
+    def take(self, request_id: str) -> ExportedPrefix:
+        """Hand a pinned prompt over to its sender: out of the table (no TTL any more), still pinned
+        until :meth:`release_taken`."""
         entry = self._pinned.pop(request_id, None)
         if entry is None:
             raise KeyError(f"no prefilled prompt {request_id!r} is pinned here (never prefilled, "
                            f"already pulled, or expired after {self.ttl_s:.0f} s)")
-        exported, _ = entry
+        return entry[0]
+
+    def release_taken(self, exported: ExportedPrefix) -> None:
+        self._unpin(exported)
+
+    def gather_and_release(self, request_id: str, indices: list[int]) -> torch.Tensor | None:
+        """The asked-for blocks' data (None if none asked), and the pin dropped: the data is a copy."""
+        exported = self.take(request_id)
         try:
             return self.source.gather(exported, indices) if indices else None
         finally:
@@ -255,34 +268,75 @@ class PrefillSide:
         return pb.OpenKVLinkReply(store_host=self.links.host, store_port=self.links.port,
                                   backend=backend_for(self.engine.kv_device))
 
-    async def pull(self, request_id: str, link_id: str, indices: list[int], tag: int) -> int:
-        """Gather and unpin on the engine thread, then send in the background; -> blocks sent."""
+    async def pull(self, request_id: str, link_id: str, indices: list[int], tag: int,
+                   layers_per_chunk: int = 0) -> tuple[int, int]:
+        """Start sending the asked-for blocks in the background; -> (blocks sent, layers per chunk).
+
+        Pipelined (``layers_per_chunk`` > 0, this engine's cache in one process): the sender thread
+        gathers chunk by chunk from the still-pinned blocks and unpins them when the last chunk left.
+        Otherwise the engine thread gathers one whole tensor and unpins at once.
+        """
+        exports = self.engine.exports
         try:
             link = await in_thread(self.links.get, link_id) if indices else None
         except Exception:  # no usable link: the prompt stays unsent, so do not keep it pinned either
-            await self.engine.call(lambda _: self.engine.exports.release(request_id))
+            await self.engine.call(lambda _: exports.release(request_id))
             raise
-        data = await self.engine.call(lambda _: self.engine.exports.gather_and_release(request_id, indices))
-        # (Cancelled meanwhile, the gather still ran and unpinned the prompt: nothing is left to undo.)
-        if data is None:
-            return 0
-        threading.Thread(target=self._send, args=(link, data, tag), daemon=True,
-                         name=f"shoal-kv-send-{request_id[:12]}").start()
-        self.num_sent_blocks += len(indices)
-        return len(indices)
+        io = self.engine.engine.kv_block_io
+        if not indices or not layers_per_chunk or not isinstance(io, CacheBlockIO):
+            data = await self.engine.call(lambda _: exports.gather_and_release(request_id, indices))
+            # (Cancelled meanwhile, the gather still ran and unpinned the prompt: nothing is left to undo.)
+            if data is not None:
+                self._start(self._send_whole, link, data, tag)
+            return len(indices), 0
+        exported = await self.engine.call(lambda _: exports.take(request_id), undo=exports.release_taken)
+        block_ids = [exported.blocks[i].block_id for i in indices]
+        self._start(self._send_chunks, link, io.kv_caches, block_ids, tag, layers_per_chunk, exported)
+        return len(indices), layers_per_chunk
 
-    def _send(self, link: KVLink, data: torch.Tensor, tag: int) -> None:
+    def _start(self, target, *args) -> None:
+        threading.Thread(target=target, args=args, daemon=True, name="shoal-kv-send").start()
+
+    def _send_whole(self, link: KVLink, data: torch.Tensor, tag: int) -> None:
         try:
             link.send(data, tag)
+            self.num_sent_blocks += data.shape[2]
         except KVTransferError as e:
-            log.warning("%s; closing the link", e)
-            self.links.close(link.link_id)
+            self._broken(link, e)
+
+    def _send_chunks(self, link: KVLink, kv_caches, block_ids: list[int], tag: int, layers_per_chunk: int,
+                     exported: ExportedPrefix) -> None:
+        try:
+            pipeline.send_blocks(link, kv_caches, block_ids, tag, layers_per_chunk)
+            self.num_sent_blocks += len(block_ids)
+        except KVTransferError as e:
+            self._broken(link, e)
+        finally:  # the blocks were read (or never will be): unpin, on the engine thread
+            self.engine.call_soon(lambda _: self.engine.exports.release_taken(exported))
+
+    def _broken(self, link: KVLink, error: Exception) -> None:
+        log.warning("%s; closing the link", error)
+        self.links.close(link.link_id)
 
     def close(self) -> None:
         self.links.close_all()
 
 
 # -- decode side -------------------------------------------------------------------------------------
+
+_WRITTEN = object()  # a pipelined receive wrote the blocks in place: nothing left to scatter
+
+
+async def _finish_even_if_cancelled(awaitable) -> None:
+    """Await a receive that writes into reserved cache blocks. Cancelled, still wait for it to end
+    (it fails at the link's deadline at the latest) before re-raising: the caller gives the blocks
+    back after, and they must not be written once another request may own them."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise
 
 @dataclass(eq=False)
 class _Peer:
@@ -302,6 +356,7 @@ class DecodeSide:
         self._tags = itertools.count(1)
         self.num_pulled = self.num_failed = self.num_received_blocks = 0
         self.num_importing_blocks = 0  # reserved for pulls in flight
+        self.num_pipelined = 0  # pulls received in chunks straight into the cache
 
     async def pull(self, req: GenerateRequest) -> int:
         """Import the prompt blocks this engine lacks from ``req.kv_source``; -> blocks received.
@@ -327,11 +382,22 @@ class DecodeSide:
                 ok = False
                 try:
                     tag = next(self._tags)
-                    await self._pull_rpc(peer, handle.request_id, link.link_id, pending.missing, tag)
+                    # Pipelined only into a cache this process holds whole (TP=1); a TP engine's
+                    # ranks get their heads through the engine thread's scatter.
+                    chunks = self.config.layers_per_chunk if isinstance(sink.io, CacheBlockIO) else 0
+                    reply = await self._pull_rpc(peer, handle.request_id, link.link_id, pending.missing, tag,
+                                                 chunks)
                     pulled = True
-                    data = torch.empty(sink.geometry.data_shape(len(pending.missing)), dtype=sink.geometry.dtype,
-                                       device=link.device)
-                    await in_thread(link.recv, data, tag)
+                    if reply.layers_per_chunk:
+                        block_ids = [b.block_id for b in pending.new_blocks]
+                        await _finish_even_if_cancelled(in_thread(
+                            pipeline.recv_blocks, link, sink.io.kv_caches, block_ids, tag, reply.layers_per_chunk))
+                        data = _WRITTEN
+                        self.num_pipelined += 1
+                    else:
+                        data = torch.empty(sink.geometry.data_shape(len(pending.missing)),
+                                           dtype=sink.geometry.dtype, device=link.device)
+                        await in_thread(link.recv, data, tag)
                     ok = True
                 finally:
                     self._give_back(peer, link, ok)
@@ -345,7 +411,10 @@ class DecodeSide:
             raise
         finally:
             self.num_importing_blocks -= len(pending.missing)
-        await self.engine.call(lambda _: sink.commit(pending, data))
+        if data is _WRITTEN:
+            await self.engine.call(lambda _: sink.commit_written(pending))
+        else:
+            await self.engine.call(lambda _: sink.commit(pending, data))
         self.num_pulled += 1
         self.num_received_blocks += len(pending.missing)
         return len(pending.missing)
@@ -356,11 +425,13 @@ class DecodeSide:
         except Exception:
             pass  # gone or already unpinned; its TTL covers the rest
 
-    async def _pull_rpc(self, peer: _Peer, request_id: str, link_id: str, indices: list[int], tag: int) -> None:
+    async def _pull_rpc(self, peer: _Peer, request_id: str, link_id: str, indices: list[int], tag: int,
+                        layers_per_chunk: int = 0) -> pb.PullKVReply:
         try:
-            await peer.stub.PullKV(pb.PullKVRequest(request_id=request_id, link_id=link_id,
-                                                    block_indices=indices, tag=tag),
-                                   timeout=self.config.rpc_timeout_s)
+            return await peer.stub.PullKV(pb.PullKVRequest(request_id=request_id, link_id=link_id,
+                                                           block_indices=indices, tag=tag,
+                                                           layers_per_chunk=layers_per_chunk),
+                                          timeout=self.config.rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise KVTransferError(f"PullKV to {peer.endpoint} failed: {e.code().name}: {e.details()}") from None
 

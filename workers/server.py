@@ -133,15 +133,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     async def PullKV(self, request: pb.PullKVRequest, context) -> pb.PullKVReply:
         try:
-            sent = await self.engine.prefill_side.pull(request.request_id, request.link_id,
-                                                       list(request.block_indices), request.tag)
+            sent, chunking = await self.engine.prefill_side.pull(
+                request.request_id, request.link_id, list(request.block_indices), request.tag,
+                request.layers_per_chunk)
         except KeyError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{type(e).__name__}: {e}")
-        return pb.PullKVReply(num_sent=sent)
+        return pb.PullKVReply(num_sent=sent, layers_per_chunk=chunking)
 
     async def CloseKVLink(self, request: pb.CloseKVLinkRequest, context) -> pb.Empty:
         if self.engine._prefill_side is not None:

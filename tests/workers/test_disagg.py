@@ -92,15 +92,18 @@ async def disaggregated(prefill: Worker, decode: Worker, rid: str, prompt) -> tu
     return tokens, cached, handle
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_disaggregated_tokens_equal_unified_with_partial_hits(tiny_checkpoints, arch):
+@pytest.mark.parametrize("arch,chunks", [("llama", 1), ("qwen2", 0), ("llama", 4)])
+def test_disaggregated_tokens_equal_unified_with_partial_hits(tiny_checkpoints, arch, chunks):
+    """chunks: layers per pipelined chunk received straight into the cache (2 layers: 1 -> two chunks),
+    0: one whole tensor through a staging buffer."""
     model = tiny_checkpoints[arch][0]
     shared = prompt_of(2 * BLOCK, seed=1)
     prompts = [prompt_of(70, seed=2), shared + prompt_of(40, seed=3), prompt_of(9, seed=4)]
 
     async def main():
         expected = await unified_tokens(model, prompts)
-        p, d = await Worker(model, "p", "prefill").serve(), await Worker(model, "d", "decode").serve()
+        p = await Worker(model, "p", "prefill").serve()
+        d = await Worker(model, "d", "decode", disagg=DisaggConfig(layers_per_chunk=chunks)).serve()
         try:
             # The decode worker already holds the first two blocks of prompts[1]: only the rest travels.
             await d.generate(GenerateRequest("warm", shared + prompt_of(5, seed=9), GREEDY))
@@ -118,6 +121,7 @@ def test_disaggregated_tokens_equal_unified_with_partial_hits(tiny_checkpoints, 
             # 9 tokens: no full block; nothing to move, the decode worker prefills it.
             assert got[2][1:] == (0, 0, 0)
             assert d.engine.num_kv_fallbacks == 0 and len(p.engine.exports) == 0
+            assert d.engine.decode_side.num_pipelined == (2 if chunks else 0)  # the two pulls that moved data
             await p.check_no_leak()
             await d.check_no_leak()
         finally:

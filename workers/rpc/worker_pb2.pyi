@@ -226,22 +226,26 @@ class OpenKVLinkReply(_message.Message):
     def __init__(self, store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class PullKVRequest(_message.Message):
-    __slots__ = ("request_id", "link_id", "block_indices", "tag")
+    __slots__ = ("request_id", "link_id", "block_indices", "tag", "layers_per_chunk")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LINK_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_INDICES_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     link_id: str
     block_indices: _containers.RepeatedScalarFieldContainer[int]
     tag: int
-    def __init__(self, request_id: _Optional[str] = ..., link_id: _Optional[str] = ..., block_indices: _Optional[_Iterable[int]] = ..., tag: _Optional[int] = ...) -> None: ...
+    layers_per_chunk: int
+    def __init__(self, request_id: _Optional[str] = ..., link_id: _Optional[str] = ..., block_indices: _Optional[_Iterable[int]] = ..., tag: _Optional[int] = ..., layers_per_chunk: _Optional[int] = ...) -> None: ...
 
 class PullKVReply(_message.Message):
-    __slots__ = ("num_sent",)
+    __slots__ = ("num_sent", "layers_per_chunk")
     NUM_SENT_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
     num_sent: int
-    def __init__(self, num_sent: _Optional[int] = ...) -> None: ...
+    layers_per_chunk: int
+    def __init__(self, num_sent: _Optional[int] = ..., layers_per_chunk: _Optional[int] = ...) -> None: ...
 
 class CloseKVLinkRequest(_message.Message):
     __slots__ = ("link_id",)

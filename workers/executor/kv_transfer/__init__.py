@@ -11,6 +11,8 @@ from .import_blocks import (CacheBlockIO, ExportedPrefix, KVGeometry, KVSink, KV
 from .link import RECEIVER, SENDER, KVLink, LinkStore, backend_for
 from .transfer import TransferStats, recv_blocks, send_blocks, transfer_in_process
 
+from . import pipeline  # noqa: E402  (chunked transfers: pipeline.send_blocks / pipeline.recv_blocks)
+
 __all__ = ["CacheBlockIO", "ExportedPrefix", "KVGeometry", "KVLink", "KVSink", "KVSource", "KVTransferError",
            "LinkStore", "PendingImport", "RECEIVER", "SENDER", "TransferStats", "backend_for", "gather_blocks",
            "recv_blocks", "scatter_blocks", "send_blocks", "transfer_in_process", "transferable_hashes"]

@@ -259,6 +259,13 @@ class KVSink:
             self.kv_cache.pool.cache(pending.new_blocks[j], pending.hashes[i])
         self._release(pending)
 
+    def commit_written(self, pending: PendingImport) -> None:
+        """Publish blocks the transfer already wrote into ``pending.new_blocks`` (a pipelined receive)."""
+        self._check_open(pending)
+        for j, i in enumerate(pending.missing):
+            self.kv_cache.pool.cache(pending.new_blocks[j], pending.hashes[i])
+        self._release(pending)
+
     def abort(self, pending: PendingImport) -> None:
         """Give back the reservation; the unpublished blocks return to the free pool. Idempotent."""
         if not pending.done:

@@ -51,7 +51,8 @@ def send_blocks(link: KVLink, kv_caches: Sequence[KVCache], block_ids: Sequence[
         return
     with _breaks_link_on_error(link, "pipelined send"):
         if plan.device.type == "cuda":
-            _send_cuda(link, kv_caches, plan, tag)
+            with torch.cuda.device(plan.device):  # the caller's thread may have another current device
+                _send_cuda(link, kv_caches, plan, tag)
         else:
             _send_host(link, kv_caches, plan, tag)
 
@@ -64,7 +65,8 @@ def recv_blocks(link: KVLink, kv_caches: Sequence[KVCache], block_ids: Sequence[
         return
     with _breaks_link_on_error(link, "pipelined recv"):
         if plan.device.type == "cuda":
-            _recv_cuda(link, kv_caches, plan, tag)
+            with torch.cuda.device(plan.device):  # the caller's thread may have another current device
+                _recv_cuda(link, kv_caches, plan, tag)
         else:
             _recv_host(link, kv_caches, plan, tag)
 
