@@ -7,8 +7,12 @@ extra keys), so a match here is a cache hit there. Ranking key, best first:
 1. not overloaded: a worker whose load exceeds the minimum by more than ``balance_abs_threshold``
    requests AND by a factor of more than ``balance_rel_threshold`` ranks after every other worker;
 2. more matched prefix tokens (a match under ``min_match_tokens`` counts as none);
-3. less load;
-4. a rendezvous hash of the prompt's head and the worker id: with equal matches and loads, unrelated
+3. for a prompt no worker has cached: its prefix's home (the worker its first block was last placed
+   on, remembered while the prefix is in use, see :class:`PrefixHomes`), then the worker that is
+   home to the fewest prefixes. A prefix evicted from its worker's cache goes back there, so the
+   prefixes stay split evenly and each worker's working set stays what its cache was sized for;
+4. less load;
+5. a rendezvous hash of the prompt's head and the worker id: with equal matches and loads, unrelated
    prompts spread over the workers while identical heads agree on one.
 
 When the best-matching worker is overloaded and nobody else matches, this is least load.
@@ -23,7 +27,7 @@ from typing import Callable, Sequence
 from shoal.workers.protocol import KVEventBatch
 
 from .base import BasePolicy, LoadWeights, PlacementRequest, WorkerView, healthy_only, register_policy
-from .prefix_index import PrefixIndex
+from .prefix_index import PrefixHomes, PrefixIndex
 
 
 def _check(ok: bool, name: str, limit: str, value: object) -> None:
@@ -37,20 +41,21 @@ class PrefixAwarePolicy(BasePolicy):
                  balance_rel_threshold: float = 1.5, min_match_tokens: int = 0,
                  predicted_ttl_s: float = 30.0, max_predicted_blocks: int = 65536,
                  max_blocks_per_worker: int = 4_000_000, waiting_weight: float = 1.0,
-                 kv_usage_weight: float = 4.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 kv_usage_weight: float = 4.0, home_ttl_s: float = 600.0, max_homes: int = 65536,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         _check(block_size >= 1, "block_size", ">= 1 (and equal to the workers')", block_size)
         _check(balance_abs_threshold >= 0, "balance_abs_threshold", ">= 0", balance_abs_threshold)
         _check(balance_rel_threshold >= 1, "balance_rel_threshold", ">= 1", balance_rel_threshold)
         _check(min_match_tokens >= 0, "min_match_tokens", ">= 0", min_match_tokens)
+        _check(home_ttl_s >= 0, "home_ttl_s", ">= 0 (0: no homes)", home_ttl_s)
+        _check(max_homes >= 0, "max_homes", ">= 0 (0: no homes)", max_homes)
         self.block_size = block_size
         self.balance_abs_threshold = balance_abs_threshold
         self.balance_rel_threshold = balance_rel_threshold
         self.min_match_tokens = min_match_tokens
         self.weights = LoadWeights(waiting=waiting_weight, kv_usage=kv_usage_weight)
         self.index = PrefixIndex(predicted_ttl_s, max_predicted_blocks, max_blocks_per_worker, clock)
-        # Per worker, the first-block hashes of the prompts placed there: how many distinct prefixes it
-        # holds (pruned once the index no longer has the block there, i.e. it was evicted).
-        self._roots: dict[str, dict[bytes, None]] = {}
+        self.homes = PrefixHomes(home_ttl_s, max_homes, clock)
 
     # -- placement ------------------------------------------------------------------------------------
 
@@ -69,27 +74,25 @@ class PrefixAwarePolicy(BasePolicy):
         load = {w.worker_id: self.weights.score(w) for w in healthy}
         min_load = min(load.values())
         head = request.affinity_key()
+        useful = {wid: self._useful(matched[wid]) for wid in ids}
+        hashes = request.block_hashes(self.block_size)
+        home, homes = None, {}
+        if hashes and not any(useful.values()):  # homes place what no one caches (and what leaves a block)
+            home = self.homes.home(hashes[0])
+            homes = {wid: self.homes.count(wid) for wid in ids}
 
         def key(wid: str) -> tuple:
             overloaded = (load[wid] - min_load > self.balance_abs_threshold
                           and load[wid] > min_load * self.balance_rel_threshold)
-            tokens = matched[wid] * self.block_size
-            useful = tokens if tokens >= max(self.min_match_tokens, 1) else 0
-            # A prefix no worker holds goes to the worker holding the fewest prefixes: splitting new
-            # prefixes by load alone lets one worker collect more than its share and evict them again.
-            occupancy = self._num_prefixes(wid) if useful == 0 else 0
             tie = hashlib.blake2b(head + wid.encode(), digest_size=8).digest()
-            return (overloaded, -useful, occupancy, load[wid], tie)
+            return (overloaded, -useful[wid], wid != home, homes.get(wid, 0), load[wid], tie)
 
         return sorted(ids, key=key)
 
-    def _num_prefixes(self, worker_id: str) -> int:
-        roots = self._roots.get(worker_id)
-        if not roots:
-            return 0
-        for h in [h for h in roots if self.index.match((h,), (worker_id,))[worker_id] == 0]:
-            del roots[h]
-        return len(roots)
+    def _useful(self, matched_blocks: int) -> int:
+        """Matched tokens, or 0 under ``min_match_tokens``."""
+        tokens = matched_blocks * self.block_size
+        return tokens if tokens >= max(self.min_match_tokens, 1) else 0
 
     def predicted_cached_tokens(self, request: PlacementRequest, worker_id: str) -> int:
         """Prompt tokens the router expects ``worker_id`` to find in its prefix cache."""
@@ -106,10 +109,10 @@ class PrefixAwarePolicy(BasePolicy):
 
     def on_worker_removed(self, worker_id: str) -> None:
         self.index.remove_worker(worker_id)
-        self._roots.pop(worker_id, None)
+        self.homes.remove_worker(worker_id)
 
     def on_request_placed(self, request: PlacementRequest, worker_id: str) -> None:
         hashes = request.block_hashes(self.block_size)
         self.index.predict(worker_id, hashes)
         if hashes:
-            self._roots.setdefault(worker_id, {})[hashes[0]] = None
+            self.homes.place(hashes[0], worker_id)

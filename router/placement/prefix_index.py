@@ -166,3 +166,67 @@ class PrefixIndex:
         self._predicted_by_worker.pop(worker_id, None)
         self._seq.pop(worker_id, None)
         self._stale.discard(worker_id)
+
+
+class PrefixHomes:
+    """The worker each prefix in use was last placed on, keyed by its first block's hash (its root).
+
+    A prefix keeps its home while requests keep coming: each placement renews it; one idle for
+    ``ttl_s`` is forgotten, and at most ``max_roots`` are kept (least recently used dropped first).
+    Unlike the cache index, a home outlives the prefix's eviction from that worker's cache: while
+    clients use the prefix it belongs to that worker's working set, so when it comes back it goes
+    home (one prefill there) instead of landing on another worker and pushing that one's working
+    set past its cache, which evicts other prefixes in turn. ``count`` is a worker's number of
+    homed prefixes: what a new prefix balances on.
+    """
+
+    def __init__(self, ttl_s: float = 600.0, max_roots: int = 65536,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if ttl_s < 0:
+            raise ValueError(f"ttl_s must be >= 0, got {ttl_s}")
+        if max_roots < 0:
+            raise ValueError(f"max_roots must be >= 0, got {max_roots}")
+        self.ttl_s, self.max_roots, self.clock = ttl_s, max_roots, clock
+        self._homes: OrderedDict[bytes, tuple[str, float]] = OrderedDict()  # root -> (worker, last use)
+        self._counts: dict[str, int] = {}
+
+    def place(self, root: bytes, worker_id: str) -> None:
+        """``root``'s prefix was just placed on ``worker_id``: it is its home now, renewed."""
+        if self.ttl_s == 0 or self.max_roots == 0:
+            return
+        self._drop(root)
+        self._homes[root] = (worker_id, self.clock())
+        self._counts[worker_id] = self._counts.get(worker_id, 0) + 1
+        self._expire()
+
+    def home(self, root: bytes) -> str | None:
+        self._expire()
+        entry = self._homes.get(root)
+        return entry[0] if entry is not None else None
+
+    def count(self, worker_id: str) -> int:
+        self._expire()
+        return self._counts.get(worker_id, 0)
+
+    def remove_worker(self, worker_id: str) -> None:
+        for root in [r for r, (w, _) in self._homes.items() if w == worker_id]:
+            self._drop(root)
+        self._counts.pop(worker_id, None)
+
+    def _drop(self, root: bytes) -> None:
+        entry = self._homes.pop(root, None)
+        if entry is not None:
+            left = self._counts[entry[0]] - 1
+            if left:
+                self._counts[entry[0]] = left
+            else:
+                del self._counts[entry[0]]
+
+    def _expire(self) -> None:
+        """Renewal moves a root to the end, so the oldest use is always first: prune from there."""
+        deadline = self.clock() - self.ttl_s
+        while self._homes:
+            root, (_, used) = next(iter(self._homes.items()))
+            if used > deadline and len(self._homes) <= self.max_roots:
+                break
+            self._drop(root)

@@ -71,6 +71,8 @@ def test_registry_errors():
         make_policy("prefix_aware", block_size=0)
     with pytest.raises(ValueError, match="balance_rel_threshold must be >= 1"):
         make_policy("prefix_aware", balance_rel_threshold=0.5)
+    with pytest.raises(ValueError, match="home_ttl_s must be >= 0"):
+        make_policy("prefix_aware", home_ttl_s=-1.0)
     with pytest.raises(ValueError, match="virtual_nodes must be >= 1"):
         make_policy("session", virtual_nodes=0)
     with pytest.raises(ValueError, match="already registered"):
@@ -368,3 +370,49 @@ def test_prefix_aware_places_a_new_prefix_on_the_worker_with_fewer_prefixes():
     assert policy.choose(req(tokens(200, seed=2)), [view("a"), view("b", running=1)])[0] == "b"
     # a prompt that a holds still goes to a
     assert policy.choose(req(list(first.prompt_token_ids) + [7]), views)[0] == "a"
+
+
+def test_prefix_aware_sends_an_evicted_prefix_back_to_its_home():
+    """A prefix its worker's cache evicted while clients still use it returns to that worker: moving it
+    would put one more prefix into the other worker's working set (and evict one there in turn)."""
+    p = make_policy("prefix_aware", block_size=BS)
+    x, y, z = (tokens(8 * BS, seed=s) for s in (11, 12, 13))
+    for prefix, wid in ((x, "a"), (y, "a"), (z, "b")):
+        p.on_request_placed(req(prefix + [1]), wid)
+    p.on_kv_events("a", KVEventBatch(0, "snapshot", block_hashes(x, BS) + block_hashes(y, BS)))
+    p.on_kv_events("a", KVEventBatch(1, "removed", tuple(block_hashes(x, BS))))  # a's cache evicted x
+    p.on_kv_events("b", snapshot(z))
+    busy_a = [view("a", running=1), view("b")]
+    assert p.predicted_cached_tokens(req(x + [2]), "a") == 0
+    assert p.choose(req(x + [2]), busy_a)[0] == "a"  # home, though a is busier and holds as much as b
+    # A prefix nobody has seen balances on homes: a is home to two (x, y), b to one.
+    assert p.choose(req(tokens(8 * BS, seed=14)), [view("a"), view("b", running=1)])[0] == "b"
+    # A prompt shorter than a block leaves nothing in any cache: load alone decides.
+    assert p.choose(req(tokens(BS - 1, seed=15)), [view("a"), view("b", running=1)])[0] == "a"
+    # A cached copy elsewhere beats the home: the match is a sure hit.
+    p.on_kv_events("b", snapshot(z + x, seq=1))
+    assert p.choose(req(z + x + [3]), busy_a)[0] == "b"
+    p.on_worker_removed("a")  # its homes go with it
+    assert p.homes.home(block_hashes(x, BS)[0]) is None and p.homes.count("a") == 0
+
+
+def test_prefix_homes_are_renewed_expire_and_are_capped():
+    from shoal.router.placement.prefix_index import PrefixHomes
+
+    clock = FakeClock()
+    homes = PrefixHomes(ttl_s=10.0, max_roots=3, clock=clock)
+    homes.place(b"x", "a")
+    clock.now += 6
+    homes.place(b"y", "a")
+    homes.place(b"x", "b")  # placed again elsewhere: it moved, and its use is renewed
+    assert (homes.home(b"x"), homes.count("a"), homes.count("b")) == ("b", 1, 1)
+    clock.now += 6  # y and x were last used 6 s ago: both stay
+    assert homes.home(b"y") == "a" and homes.home(b"x") == "b"
+    clock.now += 5  # 11 s idle: forgotten
+    assert homes.home(b"y") is None and homes.count("a") == homes.count("b") == 0
+    for root in (b"1", b"2", b"3", b"4"):  # a cap of 3: the least recently used goes
+        homes.place(root, "a")
+    assert homes.home(b"1") is None and homes.count("a") == 3
+    off = PrefixHomes(ttl_s=0.0, clock=clock)
+    off.place(b"x", "a")
+    assert off.home(b"x") is None and off.count("a") == 0
