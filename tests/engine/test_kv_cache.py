@@ -98,3 +98,29 @@ def test_release_more_than_taken_is_an_error():
     pool.release([blk])
     with pytest.raises(RuntimeError):
         pool.release([blk])
+
+
+def test_a_reused_prefix_outlives_one_off_blocks():
+    """SLRU: blocks whose prefix was hit wait in the protected queue; one-off blocks (cached, never
+    hit) are evicted first, even when they were freed more recently."""
+    pool = BlockPool(4, protected_fraction=0.5)
+    shared, once = pool.allocate(2)
+    pool.cache(shared, b"shared"), pool.cache(once, b"once")
+    pool.release([once, shared])  # freed: shared is the most recent, yet it was never hit either
+    pool.touch([pool.lookup(b"shared")])  # a prefix hit: shared is now reused
+    pool.release([shared])
+    fresh = pool.allocate(2)  # the two never-cached blocks go first
+    pool.release(fresh)  # ... and return as the most recently used
+    taken = pool.allocate(3)
+    assert shared not in taken and once in taken  # probation (once, fresh) before protected (shared)
+    assert pool.lookup(b"shared") is shared and pool.lookup(b"once") is None
+    pool.release(taken)
+    pool.check_invariants()
+    # The protected queue is bounded: past protected_fraction its oldest block goes on probation.
+    for block, h in zip(pool.allocate(3), (b"a", b"b", b"c")):
+        pool.cache(block, h)
+        pool.release([block])
+        pool.touch([block])
+        pool.release([block])
+    assert pool.num_free_blocks == 4 and len(pool._protected) == 2
+    pool.check_invariants()

@@ -1,8 +1,15 @@
-"""The pool of KV blocks: reference counts, the prefix cache (hash -> block) and LRU eviction.
+"""The pool of KV blocks: reference counts, the prefix cache (hash -> block) and eviction.
 
-Every block is owned by exactly one of: running requests (``ref_cnt > 0``), or the free queue
-(``ref_cnt == 0``; it may still hold a cached prefix, reusable until evicted). Blocks come back to the
-free queue in LRU order, so the least recently used cached prefix is evicted first.
+Every block is owned by exactly one of: running requests (``ref_cnt > 0``), or a free queue
+(``ref_cnt == 0``; it may still hold a cached prefix, reusable until evicted).
+
+Eviction is segmented LRU (SLRU / 2Q): a free block whose cached prefix was hit at least once (a
+shared system prompt, a document several questions ask about) waits in the *protected* queue; every
+other free block (never cached, or cached and never hit: the unique tail of a finished request) in the
+*probation* queue, which is evicted first. Each queue is LRU. The protected queue holds at most
+``protected_fraction`` of the pool; beyond it its least recently used block moves to probation, so a
+prefix that stops being asked for still ages out. Plain LRU would let every request's one-off tail
+push a popular prefix out of a full cache.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ class KVBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: bytes | None = None
+    reused: bool = False  # its cached prefix was hit since it was cached (protected when free)
 
 
 @dataclass(frozen=True)
@@ -28,13 +36,19 @@ class KVEvent:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True, record_events: bool = False):
+    def __init__(self, num_blocks: int, enable_caching: bool = True, record_events: bool = False,
+                 protected_fraction: float = 0.9):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if not 0.0 <= protected_fraction <= 1.0:
+            raise ValueError(f"protected_fraction must be in [0, 1], got {protected_fraction}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        # Free blocks, least recently used first: probation is evicted before protected.
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._protected: OrderedDict[int, KVBlock] = OrderedDict()
+        self._max_protected = int(protected_fraction * num_blocks)
         self._cached: dict[bytes, KVBlock] = {}
         self._record_events = record_events
         self._events: list[KVEvent] = []
@@ -42,7 +56,7 @@ class BlockPool:
     @property
     def num_free_blocks(self) -> int:
         """Blocks that can be handed out now (free ones and evictable cached ones)."""
-        return len(self._free)
+        return len(self._free) + len(self._protected)
 
     @property
     def num_cached_blocks(self) -> int:
@@ -55,11 +69,11 @@ class BlockPool:
         return self._cached.get(block_hash)
 
     def allocate(self, n: int) -> list[KVBlock]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} blocks with {len(self._free)} free")
+        if n > self.num_free_blocks:
+            raise RuntimeError(f"asked for {n} blocks with {self.num_free_blocks} free")
         out = []
         for _ in range(n):
-            _, block = self._free.popitem(last=False)
+            _, block = (self._free or self._protected).popitem(last=False)
             self._evict(block)
             block.ref_cnt = 1
             out.append(block)
@@ -69,8 +83,10 @@ class BlockPool:
         """Take a reference on cached blocks (a prefix hit), pulling them off the free queue."""
         for block in blocks:
             if block.ref_cnt == 0:
-                del self._free[block.block_id]
+                (self._protected if block.block_id in self._protected else self._free).pop(block.block_id)
             block.ref_cnt += 1
+            if block.block_hash is not None:
+                block.reused = True
 
     def release(self, blocks: Iterable[KVBlock]) -> None:
         """Drop a reference; a block nobody holds joins the free queue's most-recent end."""
@@ -79,7 +95,17 @@ class BlockPool:
             if block.ref_cnt < 0:
                 raise RuntimeError(f"block {block.block_id} released more often than taken")
             if block.ref_cnt == 0:
-                self._free[block.block_id] = block
+                self._enqueue_free(block)
+
+    def _enqueue_free(self, block: KVBlock) -> None:
+        if not (block.reused and block.block_hash is not None):
+            self._free[block.block_id] = block
+            return
+        self._protected[block.block_id] = block
+        while len(self._protected) > self._max_protected:  # the oldest protected block goes on probation
+            _, old = self._protected.popitem(last=False)
+            old.reused = False
+            self._free[old.block_id] = old
 
     def cache(self, block: KVBlock, block_hash: bytes) -> None:
         """Publish a full block under its hash; a hash already cached keeps its first block."""
@@ -91,7 +117,7 @@ class BlockPool:
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix; only possible when no request holds a block."""
-        if len(self._free) != self.num_blocks:
+        if self.num_free_blocks != self.num_blocks:
             return False
         for block in self.blocks:
             self._evict(block)
@@ -110,6 +136,7 @@ class BlockPool:
                 del self._cached[block.block_hash]
                 self._emit("removed", block.block_hash)
             block.block_hash = None
+        block.reused = False
 
     def _emit(self, kind: str, block_hash: bytes) -> None:
         if self._record_events:
@@ -118,8 +145,10 @@ class BlockPool:
     def check_invariants(self) -> None:
         """Every block is either referenced or free, never both; raises if the books disagree."""
         for block in self.blocks:
-            in_free = block.block_id in self._free
-            if (block.ref_cnt == 0) != in_free:
+            in_free = (block.block_id in self._free) + (block.block_id in self._protected)
+            if in_free > 1:
+                raise AssertionError(f"block {block.block_id} is in both free queues")
+            if (block.ref_cnt == 0) != bool(in_free):
                 raise AssertionError(f"block {block.block_id}: ref_cnt={block.ref_cnt}, in free queue={in_free}")
         for h, block in self._cached.items():
             if block.block_hash != h:
