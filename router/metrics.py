@@ -86,6 +86,10 @@ class RouterMetrics:
                                    "(incl. evictable cached), cached (hold a prefix hash), pinned (prefilled, "
                                    "awaiting a pull), importing (reserved for KV arriving)", ["worker", "state"],
                                    registry=r)
+        self.worker_kv_transfer_failures = Gauge(
+            f"{p}_worker_kv_transfer_failures", "Worker-reported totals since its start: kind=fallback (a pull "
+            "failed, the decode worker prefilled itself), kind=expired_pin (a prefilled prompt nobody pulled)",
+            ["worker", "kind"], registry=r)
         self._predicted = self._reported = self._prompt = 0
         self._known_workers: set[str] = set()
 
@@ -131,6 +135,8 @@ class RouterMetrics:
                              ("cached", s.load.num_cached_blocks), ("pinned", s.load.num_pinned_blocks),
                              ("importing", s.load.num_importing_blocks)):
                 self.worker_blocks.labels(w, state).set(n)
+            self.worker_kv_transfer_failures.labels(w, "fallback").set(s.load.num_kv_fallbacks)
+            self.worker_kv_transfer_failures.labels(w, "expired_pin").set(s.load.num_expired_pins)
         for gone in self._known_workers - seen:  # a removed worker's series disappear
             for g in (self.worker_healthy, self.worker_running, self.worker_waiting, self.worker_kv_usage,
                       self.worker_in_flight, self.worker_prefix_hit_rate, self.worker_prefill_tokens):
@@ -138,9 +144,10 @@ class RouterMetrics:
                     g.remove(gone)
                 except KeyError:
                     pass
-            for state in ("total", "free", "cached", "pinned", "importing"):
+            for gauge, labels in ([(self.worker_blocks, s) for s in ("total", "free", "cached", "pinned", "importing")]
+                                  + [(self.worker_kv_transfer_failures, k) for k in ("fallback", "expired_pin")]):
                 try:
-                    self.worker_blocks.remove(gone, state)
+                    gauge.remove(gone, labels)
                 except KeyError:
                     pass
         self._known_workers = seen

@@ -311,7 +311,9 @@ class AsyncEngine:
             num_prefix_queries=sched.stats.num_prefix_queries, num_prefix_hits=sched.stats.num_prefix_hits,
             num_cached_blocks=kv.pool.num_cached_blocks,
             num_pinned_blocks=self._exports.num_pinned_blocks if self._exports is not None else 0,
-            num_importing_blocks=self._decode_side.num_importing_blocks if self._decode_side is not None else 0)
+            num_importing_blocks=self._decode_side.num_importing_blocks if self._decode_side is not None else 0,
+            num_kv_fallbacks=self.num_kv_fallbacks,
+            num_expired_pins=self._exports.num_expired if self._exports is not None else 0)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(worker_id=self.worker_id, model=self.engine.config.model,

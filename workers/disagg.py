@@ -20,6 +20,7 @@ prefill itself; the prefill worker's pin expires after ``ttl_s`` if nobody pulls
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -183,6 +184,7 @@ class PrefillLinks:
         self._store = LinkStore(host, 0, timedelta(seconds=config.link_timeout_s))
         self.host, self.port = host, self._store.port
         self._links: dict[str, KVLink] = {}
+        self._sending: dict[str, int] = {}  # link id -> sends in progress (such a link is never retired)
         self._ready: dict[str, threading.Event] = {}
         self._errors: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -229,6 +231,19 @@ class PrefillLinks:
             raise KVTransferError(f"KV link {link_id} broke earlier ({link.broken})")
         return link
 
+    @contextlib.contextmanager
+    def sending(self, link: KVLink):
+        """Mark ``link`` busy for the duration of a send: retiring idle links passes it by."""
+        with self._lock:
+            self._sending[link.link_id] = self._sending.get(link.link_id, 0) + 1
+        try:
+            yield link
+        finally:
+            with self._lock:
+                left = self._sending.pop(link.link_id, 1) - 1
+                if left:
+                    self._sending[link.link_id] = left
+
     def close(self, link_id: str) -> None:
         with self._lock:
             link = self._links.pop(link_id, None)
@@ -240,7 +255,7 @@ class PrefillLinks:
     def _retire_extra(self) -> None:
         now = time.monotonic()
         with self._lock:
-            idle = sorted((link.last_used, lid) for lid, link in self._links.items())
+            idle = sorted((link.last_used, lid) for lid, link in self._links.items() if lid not in self._sending)
         for n, (last_used, lid) in enumerate(idle):
             if now - last_used > self.config.link_idle_s or len(idle) - n >= self.config.max_links:
                 self.close(lid)
@@ -299,7 +314,8 @@ class PrefillSide:
 
     def _send_whole(self, link: KVLink, data: torch.Tensor, tag: int) -> None:
         try:
-            link.send(data, tag)
+            with self.links.sending(link):
+                link.send(data, tag)
             self.num_sent_blocks += data.shape[2]
         except KVTransferError as e:
             self._broken(link, e)
@@ -307,7 +323,8 @@ class PrefillSide:
     def _send_chunks(self, link: KVLink, kv_caches, block_ids: list[int], tag: int, layers_per_chunk: int,
                      exported: ExportedPrefix) -> None:
         try:
-            pipeline.send_blocks(link, kv_caches, block_ids, tag, layers_per_chunk)
+            with self.links.sending(link):
+                pipeline.send_blocks(link, kv_caches, block_ids, tag, layers_per_chunk)
             self.num_sent_blocks += len(block_ids)
         except KVTransferError as e:
             self._broken(link, e)

@@ -103,6 +103,8 @@ class WorkerLoad:
     num_cached_blocks: int = 0
     num_pinned_blocks: int = 0
     num_importing_blocks: int = 0
+    num_kv_fallbacks: int = 0  # since start: kv_source requests whose pull failed (prefilled locally)
+    num_expired_pins: int = 0  # since start: prefilled prompts nobody pulled within the pin's TTL
 
 
 @dataclass(frozen=True)

@@ -338,6 +338,8 @@ def test_a_stopped_prefill_worker_falls_back_to_decode_with_the_right_tokens(mak
                 r = await complete(url, ids)
                 assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
                 assert await outcomes(url) == {disagg.FALLBACK_PREFILL_FAILED: 1}
+                assert await metric(url, "shoal_router_worker_kv_transfer_failures", worker="decode-2",
+                                    kind="fallback") == 0  # the decode worker computed it: no pull failed
                 assert await metric(url, "shoal_router_prefill_duration_seconds_count", outcome="failed") == 1
                 state = pool.state("prefill-doomed")
                 assert not state.healthy and state.last_error and state.prefill_tokens == 0

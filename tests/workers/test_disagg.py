@@ -196,6 +196,7 @@ def test_failures_fall_back_to_a_local_prefill(tiny_checkpoints):
             handle = await p.prefill(GenerateRequest("b", prompt, GREEDY))
             await asyncio.sleep(0.6)
             assert len(p.engine.exports) == 0 and p.engine.exports.num_expired == 1
+            assert p.engine.load().num_expired_pins == 1  # reported to routers (a metric there)
             tokens, cached = await d.generate(GenerateRequest("b", prompt, GREEDY, kv_source=handle))
             assert tokens == expected and cached == 0 and d.engine.num_kv_fallbacks == 2
             await p.check_no_leak()
@@ -206,6 +207,7 @@ def test_failures_fall_back_to_a_local_prefill(tiny_checkpoints):
             await p.stop()
             tokens, cached = await d.generate(GenerateRequest("c", prompt, GREEDY, kv_source=handle))
             assert tokens == expected and d.engine.num_kv_fallbacks == 3
+            assert d.engine.load().num_kv_fallbacks == 3
             await d.check_no_leak()
         finally:
             await p.stop()
@@ -259,3 +261,38 @@ def test_geometry_mismatch_is_refused(tiny_checkpoints):
             await d.stop()
 
     asyncio.run(main())
+
+
+def test_prefill_links_are_bounded_but_a_busy_link_is_never_retired():
+    """Past ``max_links`` opening a link retires the least recently used idle one, never one that is
+    sending."""
+    import threading
+    from datetime import timedelta
+
+    import torch
+
+    from shoal.workers.disagg import PrefillLinks
+    from shoal.workers.executor.kv_transfer import KVLink
+
+    links = PrefillLinks("127.0.0.1", torch.device("cpu"), DisaggConfig(max_links=1, link_timeout_s=10))
+    peers = []
+
+    def open_pair(link_id: str) -> KVLink:
+        t = threading.Thread(target=lambda: peers.append(KVLink.connect(
+            link_id, 1, "127.0.0.1", links.port, timeout=timedelta(seconds=10))))
+        t.start()
+        links.open(link_id)
+        t.join(15)
+        return links.get(link_id)
+
+    try:
+        a = open_pair("a")
+        with links.sending(a):
+            open_pair("b")  # a is busy: it stays although that makes two
+            assert len(links) == 2 and not a.closed
+        open_pair("c")  # a and b are idle now: the older ones go, c stays
+        assert len(links) == 1 and a.closed and not links.get("c").closed
+    finally:
+        for p in peers:
+            p.close()
+        links.close_all()

@@ -116,7 +116,7 @@ ROUND_TRIP = [
                finish_reason="stop", stop_reason=0, num_cached_tokens=16),
     TokenDelta("r1", (), finish_reason="error", error="engine shut down"),
     TokenLogprob(7, float("-inf"), 384, ()),
-    WorkerLoad(3, 1, 0.375, 60, 96, 2**40, 12, 30, 4, 2),
+    WorkerLoad(3, 1, 0.375, 60, 96, 2**40, 12, 30, 4, 2, 7, 1),
     WorkerInfo("w", "/models/x", 16, 8192, "prefill", 2),
     KVEventBatch(0, "snapshot", ()),
     KVEventBatch(2**63, "stored", (b"\x00" * 16, bytes(range(16)))),

@@ -123,13 +123,14 @@ def worker_load_to_pb(w: WorkerLoad) -> pb.WorkerLoad:
                          num_free_blocks=w.num_free_blocks, num_total_blocks=w.num_total_blocks,
                          num_prefix_queries=w.num_prefix_queries, num_prefix_hits=w.num_prefix_hits,
                          num_cached_blocks=w.num_cached_blocks, num_pinned_blocks=w.num_pinned_blocks,
-                         num_importing_blocks=w.num_importing_blocks)
+                         num_importing_blocks=w.num_importing_blocks, num_kv_fallbacks=w.num_kv_fallbacks,
+                         num_expired_pins=w.num_expired_pins)
 
 
 def worker_load_from_pb(msg: pb.WorkerLoad) -> WorkerLoad:
     return WorkerLoad(msg.num_running, msg.num_waiting, msg.kv_usage, msg.num_free_blocks, msg.num_total_blocks,
                       msg.num_prefix_queries, msg.num_prefix_hits, msg.num_cached_blocks,
-                      msg.num_pinned_blocks, msg.num_importing_blocks)
+                      msg.num_pinned_blocks, msg.num_importing_blocks, msg.num_kv_fallbacks, msg.num_expired_pins)
 
 
 def worker_info_to_pb(w: WorkerInfo) -> pb.WorkerInfo:

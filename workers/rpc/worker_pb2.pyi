@@ -128,7 +128,7 @@ class AbortReply(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "kv_usage", "num_free_blocks", "num_total_blocks", "num_prefix_queries", "num_prefix_hits", "num_cached_blocks", "num_pinned_blocks", "num_importing_blocks")
+    __slots__ = ("num_running", "num_waiting", "kv_usage", "num_free_blocks", "num_total_blocks", "num_prefix_queries", "num_prefix_hits", "num_cached_blocks", "num_pinned_blocks", "num_importing_blocks", "num_kv_fallbacks", "num_expired_pins")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,8 @@ class WorkerLoad(_message.Message):
     NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_IMPORTING_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPIRED_PINS_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     kv_usage: float
@@ -149,7 +151,9 @@ class WorkerLoad(_message.Message):
     num_cached_blocks: int
     num_pinned_blocks: int
     num_importing_blocks: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_prefix_queries: _Optional[int] = ..., num_prefix_hits: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., num_pinned_blocks: _Optional[int] = ..., num_importing_blocks: _Optional[int] = ...) -> None: ...
+    num_kv_fallbacks: int
+    num_expired_pins: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_prefix_queries: _Optional[int] = ..., num_prefix_hits: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., num_pinned_blocks: _Optional[int] = ..., num_importing_blocks: _Optional[int] = ..., num_kv_fallbacks: _Optional[int] = ..., num_expired_pins: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "model", "block_size", "max_model_len", "role", "tensor_parallel_size")
