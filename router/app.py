@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
-from typing import Awaitable, Callable
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from fastapi.routing import APIRoute
 
 from shoal.workers.tokenizer import Tokenizer
 
@@ -82,8 +81,8 @@ def create_app(config: RouterConfig, pool: WorkerPool, tokenizer: Tokenizer | Ro
 def _add_generation_routes(app: FastAPI, ctx: RouterContext) -> None:
     cfg, tok = ctx.config, ctx.tok
 
-    @_post(app, "/v1/completions")
-    async def completions(request: Request) -> Response:
+    @app.post("/v1/completions")
+    async def completions(request: Request):
         req = await read_request(request, CompletionRequest, cfg.max_body_bytes)
         model = check_model(ctx, req.model)
         prompts = await run_tokenizer(tok.encode_completion_prompts, req.prompts(), field="prompt",
@@ -92,8 +91,8 @@ def _add_generation_routes(app: FastAPI, ctx: RouterContext) -> None:
         return await respond(request, ctx, gen, CompletionBuilder(gen, model, tok, req.echo), req.stream,
                              req.include_usage)
 
-    @_post(app, "/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
         req = await read_request(request, ChatCompletionRequest, cfg.max_body_bytes)
         model = check_model(ctx, req.model)
         # Template errors (raise_exception, bad roles) are the caller's.
@@ -103,24 +102,6 @@ def _add_generation_routes(app: FastAPI, ctx: RouterContext) -> None:
                                      prefix="messages: the chat template failed: ")
         gen = _generation(ctx, request, req, "chat_completions", [prompt], "messages", None)
         return await respond(request, ctx, gen, ChatBuilder(gen, model, tok), req.stream, req.include_usage)
-
-
-class _RequestRoute(APIRoute):
-    """A route whose endpoint takes the ``Request`` and always returns a ``Response`` (it reads and checks
-    the body itself): FastAPI's per-request dependency solving and response serialization are skipped,
-    about 50 us of a generation's first-token path; errors still reach the app's exception handlers,
-    and the route stays in the OpenAPI schema."""
-
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-        return self.endpoint
-
-
-def _post(app: FastAPI, path: str):
-    def register(endpoint: Callable[[Request], Awaitable[Response]]):
-        app.router.add_api_route(path, endpoint, methods=["POST"], route_class_override=_RequestRoute)
-        return endpoint
-
-    return register
 
 
 def _generation(ctx: RouterContext, request: Request, req: CompletionRequest | ChatCompletionRequest,

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from .context import RouterContext
 from .generation import Generation
 from .responses import ResponseBuilder
-from .streaming import DisconnectWatch, SSEResponse, stream_events
+from .streaming import SSEResponse, stream_events
 
 T = TypeVar("T")
 
@@ -67,16 +67,24 @@ class ClientGone(Exception):
 
 
 async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable`` in this task; if the client disconnects first, cancel it and raise ``ClientGone``."""
-    watch = DisconnectWatch(request.receive)
+    """Await ``awaitable``; if the client disconnects first, cancel it and raise ``ClientGone``."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(disconnected())
     try:
-        return await awaitable
-    except asyncio.CancelledError:
-        if watch.withdraw():
-            raise ClientGone() from None
-        raise
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watch.close()
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise ClientGone()
+    return work.result()
 
 
 class _Once:
