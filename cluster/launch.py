@@ -137,13 +137,21 @@ async def resolve_etcd(spec: DeploymentSpec, cli_etcd: str | None, node_ip: str)
     # The default port first, so `shoal status` / `shoal stop` on this node work without --etcd.
     port = int(EtcdSpec().endpoints[0].rsplit(":", 1)[1])
     data_dir = tempfile.mkdtemp(prefix=f"shoal-etcd-{spec.name}-")
+    etcd = None
     try:
         etcd = EmbeddedEtcd(data_dir, host=node_ip, client_port=port).start()
-    except RuntimeError:  # the port is taken (by something that is not an etcd answering us)
-        etcd = EmbeddedEtcd(data_dir, host=node_ip).start()
+        client = await connect(etcd.endpoint)
+        if not etcd.running:  # the /health that answered was another etcd's, going away: not ours
+            raise ConnectionError(f"the embedded etcd on port {port} exited")
+    except (RuntimeError, OSError):  # the port is taken (by something that is not an etcd answering us)
+        if etcd is not None:
+            etcd.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+        etcd = EmbeddedEtcd(tempfile.mkdtemp(prefix=f"shoal-etcd-{spec.name}-"), host=node_ip).start()
+        client = await connect(etcd.endpoint)
     _say(f"no etcd answered at {endpoints}: started an embedded etcd at {etcd.endpoint} "
          f"(pass --etcd {etcd.endpoint} to shoal status / stop)")
-    return etcd.endpoint, await connect(etcd.endpoint), etcd
+    return etcd.endpoint, client, etcd
 
 
 # -- launch ---------------------------------------------------------------------------------------
