@@ -45,7 +45,7 @@ def worker_roles(args: argparse.Namespace) -> list[tuple[str, str]]:
 def gpu_assignment(args: argparse.Namespace, num_workers: int) -> list[dict[str, str]]:
     """Per worker, the environment that gives it GPUs of its own when there are enough
     (``tensor_parallel_size`` each, in order); otherwise nothing (they share what they see)."""
-    if args.device == "cpu" or (args.device not in ("auto", "cuda")):
+    if args.device not in ("auto", "cuda"):
         return [{}] * num_workers  # cpu, or an explicit cuda:N for all of them
     import torch
 

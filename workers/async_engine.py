@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
+from .aio import settle
 from .engine.block_pool import KVEvent
 from .engine.outputs import EngineCoreOutput
 from .engine.request import Request, RequestStatus
@@ -29,14 +30,6 @@ if TYPE_CHECKING:
 _PREFILL_ONLY = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
 log = logging.getLogger(__name__)
-
-
-def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
-    if not future.done():  # the caller may have been cancelled meanwhile
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
 
 
 class _Call:
@@ -62,7 +55,7 @@ class _Call:
             if error is not None:
                 log.error("engine-thread call failed: %r", error)
         elif not abandoned:
-            self.loop.call_soon_threadsafe(_settle, self.future, result, error)
+            self.loop.call_soon_threadsafe(settle, self.future, result, error)
         elif error is None and self.undo is not None:
             self.undo(result)
 
@@ -273,6 +266,11 @@ class AsyncEngine:
 
             self._decode_side = DecodeSide(self, self.disagg_config)
         return self._decode_side
+
+    def close_kv_link(self, link_id: str) -> None:
+        """A decode worker retires a link it opened to this worker (unknown ids are ignored)."""
+        if self._prefill_side is not None:
+            self._prefill_side.links.close(link_id)
 
     async def close_kv_peers(self) -> None:
         """Close the links and channels this worker opened to prefill workers (call from its loop)."""

@@ -35,6 +35,7 @@ import torch
 
 from .executor.kv_transfer import (CacheBlockIO, ExportedPrefix, KVGeometry, KVLink, KVSink, KVSource,
                                    KVTransferError, LinkStore, backend_for, pipeline)
+from .aio import in_thread
 from .protocol import GenerateRequest
 from .rpc import worker_pb2 as pb
 from .rpc import worker_pb2_grpc as pb_grpc
@@ -73,33 +74,6 @@ class DisaggConfig:
                 raise ValueError(f"DisaggConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.layers_per_chunk < 0:
             raise ValueError(f"DisaggConfig.layers_per_chunk must be >= 0, got {self.layers_per_chunk}")
-
-
-async def in_thread(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` on a thread of its own. Link operations block for up to the link timeout,
-    and one waits for another's peer: on asyncio's small shared pool they could starve each other."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def run():
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as e:  # noqa: BLE001  (handed to the awaiting coroutine)
-            loop.call_soon_threadsafe(_settle, future, None, e)
-        else:
-            loop.call_soon_threadsafe(_settle, future, result, None)
-
-    threading.Thread(target=run, daemon=True, name=f"shoal-kv-{getattr(fn, '__name__', 'op')}").start()
-    return await future
-
-
-def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
-    if future.done():  # the awaiting coroutine was cancelled meanwhile
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 def geometry_to_pb(g: KVGeometry) -> pb.KVGeometry:
@@ -141,7 +115,8 @@ class ExportTable:
         return entry[0]
 
     def release_taken(self, exported: ExportedPrefix) -> None:
-        self._unpin(exported)
+        self.num_pinned_blocks -= len(exported.blocks)
+        self.source.release(exported)
 
     def gather_and_release(self, request_id: str, indices: list[int]) -> torch.Tensor | None:
         """The asked-for blocks' data (None if none asked), and the pin dropped: the data is a copy."""
@@ -149,17 +124,14 @@ class ExportTable:
         try:
             return self.source.gather(exported, indices) if indices else None
         finally:
-            self._unpin(exported)
+            self.release_taken(exported)
 
     def release(self, request_id: str) -> bool:
         entry = self._pinned.pop(request_id, None)
         if entry is not None:
-            self._unpin(entry[0])
+            self.release_taken(entry[0])
         return entry is not None
 
-    def _unpin(self, exported: ExportedPrefix) -> None:
-        self.num_pinned_blocks -= len(exported.blocks)
-        self.source.release(exported)
 
     def expire(self) -> None:
         now = self._clock()

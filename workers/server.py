@@ -145,8 +145,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return pb.PullKVReply(num_sent=sent, layers_per_chunk=chunking)
 
     async def CloseKVLink(self, request: pb.CloseKVLinkRequest, context) -> pb.Empty:
-        if self.engine._prefill_side is not None:
-            self.engine._prefill_side.links.close(request.link_id)
+        self.engine.close_kv_link(request.link_id)
         return pb.Empty()
 
     async def GetLoad(self, request: pb.Empty, context) -> pb.WorkerLoad:

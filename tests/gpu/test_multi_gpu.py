@@ -41,7 +41,7 @@ def test_tp2_over_nccl_matches_tp1(tiny_checkpoints, arch, cuda_graphs):
 def test_kv_blocks_move_between_gpus_over_nccl(tiny_checkpoints):
     """Prefill on cuda:0, decode on cuda:1, blocks over an NCCL KVLink: the unified tokens."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "workers"))
-    from test_disagg import GREEDY as G, Worker, disaggregated, prompt_of, unified_tokens
+    from test_disagg import Worker, disaggregated, prompt_of, unified_tokens
 
     path, _ = tiny_checkpoints["llama"]
     prompts = [prompt_of(70, seed=1), prompt_of(200, seed=2)]
@@ -63,5 +63,4 @@ def test_kv_blocks_move_between_gpus_over_nccl(tiny_checkpoints):
             await p.stop()
             await d.stop()
 
-    assert G.max_tokens == 6
     asyncio.run(main())

@@ -274,6 +274,13 @@ async def metric(url: str, name: str, **labels) -> float:
     return 0.0
 
 
+async def has_sample(url: str, name: str, **labels) -> bool:
+    async with httpx.AsyncClient(timeout=10) as c:
+        text = (await c.get(f"{url}/metrics")).text
+    return any(sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+               for family in text_string_to_metric_families(text) for sample in family.samples)
+
+
 async def outcomes(url: str) -> dict[str, float]:
     counts = {o: await metric(url, "shoal_router_disagg_requests_total", outcome=o) for o in disagg.OUTCOMES}
     return {o: c for o, c in counts.items() if c}
@@ -338,8 +345,11 @@ def test_a_stopped_prefill_worker_falls_back_to_decode_with_the_right_tokens(mak
                 r = await complete(url, ids)
                 assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
                 assert await outcomes(url) == {disagg.FALLBACK_PREFILL_FAILED: 1}
+                # The decode worker computed it (no pull was attempted, so none failed); the series exists.
+                assert await has_sample(url, "shoal_router_worker_kv_transfer_failures", worker="decode-2",
+                                        kind="fallback")
                 assert await metric(url, "shoal_router_worker_kv_transfer_failures", worker="decode-2",
-                                    kind="fallback") == 0  # the decode worker computed it: no pull failed
+                                    kind="fallback") == 0
                 assert await metric(url, "shoal_router_prefill_duration_seconds_count", outcome="failed") == 1
                 state = pool.state("prefill-doomed")
                 assert not state.healthy and state.last_error and state.prefill_tokens == 0

@@ -296,3 +296,28 @@ def test_prefill_links_are_bounded_but_a_busy_link_is_never_retired():
         for p in peers:
             p.close()
         links.close_all()
+
+
+def test_seeded_sampling_equals_unified(tiny_checkpoints):
+    """The decode worker samples every output token with the request's own seed, so a seeded sampled
+    request gives the unified worker's tokens too."""
+    model = tiny_checkpoints["llama"][0]
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=8, ignore_eos=True)
+    prompt = prompt_of(70, seed=11)
+
+    async def main():
+        ref = AsyncEngine(LLMEngine(EngineConfig(model=model, **ENGINE)), "u").start()
+        try:
+            expected = [t async for d in ref.generate(GenerateRequest("u", prompt, seeded)) for t in d.token_ids]
+        finally:
+            ref.shutdown()
+        p, d = await Worker(model, "p", "prefill").serve(), await Worker(model, "d", "decode").serve()
+        try:
+            handle = await p.prefill(GenerateRequest("s", prompt, seeded))
+            tokens, cached = await d.generate(GenerateRequest("s", prompt, seeded, kv_source=handle))
+            assert tokens == expected and cached == 64 and d.engine.num_kv_fallbacks == 0
+        finally:
+            await p.stop()
+            await d.stop()
+
+    asyncio.run(main())

@@ -46,29 +46,26 @@ def layer_chunks(num_layers: int, layers_per_chunk: int) -> list[tuple[int, int]
 def send_blocks(link: KVLink, kv_caches: Sequence[KVCache], block_ids: Sequence[int], tag: int,
                 layers_per_chunk: int) -> None:
     """Send ``block_ids`` of every layer, chunk by chunk; returns when the last chunk was sent."""
-    plan = _Plan.of(link, kv_caches, block_ids, layers_per_chunk)
-    if plan is None:
-        return
-    with _breaks_link_on_error(link, "pipelined send"):
-        if plan.device.type == "cuda":
-            with torch.cuda.device(plan.device):  # the caller's thread may have another current device
-                _send_cuda(link, kv_caches, plan, tag)
-        else:
-            _send_host(link, kv_caches, plan, tag)
+    _transfer("send", _send_cuda, _send_host, link, kv_caches, block_ids, tag, layers_per_chunk)
 
 
 def recv_blocks(link: KVLink, kv_caches: Sequence[KVCache], block_ids: Sequence[int], tag: int,
                 layers_per_chunk: int) -> None:
     """Receive into ``block_ids`` of every layer what the peer's :func:`send_blocks` sends."""
+    _transfer("recv", _recv_cuda, _recv_host, link, kv_caches, block_ids, tag, layers_per_chunk)
+
+
+def _transfer(what: str, on_cuda, on_host, link: KVLink, kv_caches: Sequence[KVCache],
+              block_ids: Sequence[int], tag: int, layers_per_chunk: int) -> None:
     plan = _Plan.of(link, kv_caches, block_ids, layers_per_chunk)
     if plan is None:
         return
-    with _breaks_link_on_error(link, "pipelined recv"):
+    with _breaks_link_on_error(link, f"pipelined {what}"):
         if plan.device.type == "cuda":
             with torch.cuda.device(plan.device):  # the caller's thread may have another current device
-                _recv_cuda(link, kv_caches, plan, tag)
+                on_cuda(link, kv_caches, plan, tag)
         else:
-            _recv_host(link, kv_caches, plan, tag)
+            on_host(link, kv_caches, plan, tag)
 
 
 class _Plan:
