@@ -94,8 +94,11 @@ class Generation:
             return None
         remaining = self.deadline - self.ctx.clock()
         try:
-            event = await asyncio.wait_for(self._queue.get(), max(remaining, 0.0))
-        except asyncio.TimeoutError:
+            # Not asyncio.wait_for: on Python 3.11 it drops a cancellation that races an event already
+            # taken off the queue, and a client's disconnect then leaves its request running.
+            async with asyncio.timeout(max(remaining, 0.0)):
+                event = await self._queue.get()
+        except TimeoutError:
             self.cancel()
             raise ApiError(504, f"the request did not finish within request_timeout_s "
                                 f"({self.ctx.config.request_timeout_s} s)", code="deadline_exceeded") from None

@@ -125,8 +125,9 @@ class GrpcWorkerClient:
         try:
             if started:
                 return await call.read()
-            return await asyncio.wait_for(call.read(), first_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(first_timeout_s):  # never loses a cancellation, unlike 3.11's wait_for
+                return await call.read()
+        except TimeoutError:
             raise WorkerUnavailable(self.worker_id, f"no {what} within {first_timeout_s} s",
                                     code="DEADLINE_EXCEEDED") from None
         except grpc.aio.AioRpcError as e:

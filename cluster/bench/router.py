@@ -38,6 +38,7 @@ import asyncio
 import json
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -352,19 +353,24 @@ def client_main(job_path: str) -> None:
 
 
 async def run_client_process(job: dict) -> list[dict]:
-    """Run :func:`client_main` in a child process; this loop stays free to serve the router meanwhile."""
+    """Run :func:`client_main` in a child process; this loop stays free to serve the router meanwhile.
+
+    ``subprocess.Popen`` (vfork + exec), not the event loop's subprocess support: uvloop forks, and a
+    fork while gRPC threads are busy runs gRPC's fork handlers in the child, which crashed it (SIGSEGV)
+    now and then.
+    """
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="shoal-bench-router-") as f:
         json.dump(job, f)
         f.flush()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", f"from shoal.cluster.bench.router import client_main; client_main({f.name!r})",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        code = f"from shoal.cluster.bench.router import client_main; client_main({f.name!r})"
+        proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", code],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            out, err = await proc.communicate()
+            out, err = await asyncio.to_thread(proc.communicate)
         finally:
-            if proc.returncode is None:  # cancelled: the client must not outlive the benchmark
+            if proc.poll() is None:  # cancelled: the client must not outlive the benchmark
                 proc.kill()
-                await proc.wait()
+                proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"the benchmark client exited with {proc.returncode}: {err.decode()[-2000:]}")
     return json.loads(out)
