@@ -25,6 +25,7 @@ from shoal.workers.executor.model_runner import allocate_kv_caches
 from shoal.workers.executor.tensor_parallel import (
     apply_tensor_parallel,
     load_model_shard,
+    PAD,
     shard_tensor,
     tp_layout,
 )
@@ -79,9 +80,30 @@ def llama_with_bias(tmp_path_factory):
     return str(path), model
 
 
+@pytest.fixture(scope="module")
+def odd_heads(tmp_path_factory):
+    """Tiny Qwen2 (q/k/v biases, tied embeddings) shaped like SmolLM2: 9 query heads over 3 KV heads,
+    which two ranks cannot split evenly."""
+    import transformers
+
+    path = tmp_path_factory.mktemp("tiny-odd-heads")
+    cfg = transformers.Qwen2Config(**{**TINY_COMMON, **TINY_ARCHS["qwen2"][2], "num_attention_heads": 9,
+                                      "num_key_value_heads": 3, "head_dim": 8})
+    torch.manual_seed(2)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):  # nonzero, so a bias left on a padding slot would show
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(path)
+    return str(path), model
+
+
 def checkpoint(request, arch: str):
     if arch == "llama-bias":
         return request.getfixturevalue("llama_with_bias")
+    if arch == "odd-heads":
+        return request.getfixturevalue("odd_heads")
     return request.getfixturevalue("tiny_checkpoints")[arch]
 
 
@@ -144,12 +166,51 @@ def test_kv_heads_replicate_when_ranks_outnumber_them(tiny_checkpoints):
     k_full = hf_state_dict(full)["model.layers.0.self_attn.k_proj.weight"]  # [2 * hd, hidden]
     for rank in range(4):
         layout = tp_layout(full.config, rank, 4)
-        assert (layout.q_head_start, layout.num_q_heads, layout.num_kv_heads) == (rank, 1, 1)
-        assert layout.kv_head_start == rank // 2
+        assert (layout.q_heads, layout.kv_heads) == ((rank,), (rank // 2,))
         shard = hf_state_dict(apply_tensor_parallel(copy.deepcopy(full), rank, 4))
         kv_head = rank // 2
         k_shard = shard["model.layers.0.self_attn.k_proj.weight"]
         assert torch.equal(k_shard, k_full[kv_head * hd:(kv_head + 1) * hd])
+
+
+SMOLLM2_SHAPE = ModelConfig("LlamaForCausalLM", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                            num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+
+
+def test_heads_that_do_not_split_evenly_get_padding_slots():
+    """SmolLM2's 9 query heads (3 per KV head) in two: each rank owns 5 or 4 and holds both KV heads
+    its heads read, 3 query slots per KV head, the unowned ones padding."""
+    layouts = [tp_layout(SMOLLM2_SHAPE, r, 2) for r in range(2)]
+    assert [(lay.q_heads, lay.kv_heads) for lay in layouts] == [
+        ((0, 1, 2, 3, PAD, PAD), (0, 1)), ((4, 5, PAD, 6, 7, 8), (1, 2))]
+    for world_size in (2, 3, 4, 6):  # every head owned exactly once; the same shapes on every rank
+        layouts = [tp_layout(SMOLLM2_SHAPE, r, world_size) for r in range(world_size)]
+        owned = sorted(h for lay in layouts for h in lay.q_heads if h != PAD)
+        assert owned == list(range(9))
+        assert len({(lay.num_q_heads, lay.num_kv_heads) for lay in layouts}) == 1
+        for lay in layouts:  # each query slot reads the KV head it is laid out under
+            per_kv = lay.num_q_heads // lay.num_kv_heads
+            assert all(h == PAD or h // 3 == lay.kv_heads[slot // per_kv] for slot, h in enumerate(lay.q_heads))
+    assert tp_layout(SMOLLM2_SHAPE, 0, 3).q_heads == (0, 1, 2)  # an even split has no padding
+
+
+def test_padding_slots_are_zero_rows(odd_heads):
+    path, _ = odd_heads
+    full = load_full(path)
+    hd = full.config.head_dim
+    w = hf_state_dict(full)
+    for rank in range(2):
+        got = hf_state_dict(load_shard(path, rank))  # streamed from safetensors, then fused
+        assert got.keys() == w.keys()
+        want = hf_state_dict(apply_tensor_parallel(copy.deepcopy(full), rank, 2))
+        for name in got:
+            assert torch.equal(got[name], want[name]), name
+        layout = tp_layout(full.config, rank, 2)
+        for name, dim in (("q_proj.weight", 0), ("q_proj.bias", 0), ("o_proj.weight", 1)):
+            shard, whole = got[f"model.layers.0.self_attn.{name}"], w[f"model.layers.0.self_attn.{name}"]
+            for slot, h in enumerate(layout.q_heads):
+                part = shard.narrow(dim, slot * hd, hd)
+                assert torch.equal(part, torch.zeros_like(part) if h == PAD else whole.narrow(dim, h * hd, hd))
 
 
 def test_vocab_is_padded_with_zero_rows():
@@ -166,21 +227,13 @@ def test_vocab_is_padded_with_zero_rows():
 
 def test_models_that_cannot_split_are_refused(tiny_checkpoints):
     tiny = ModelConfig.from_hf(resolve_model(tiny_checkpoints["llama"][0]).hf_config)
-    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be divisible by tensor_parallel"):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(5\) must be <= num_attention_heads \(4\)"):
+        tp_layout(tiny, 0, 5)
+    with pytest.raises(ValueError, match=r"intermediate_size \(128\) must be divisible by tensor_parallel_size \(3\)"):
         tp_layout(tiny, 0, 3)
-    # SmolLM2-135M's shape: 9 query heads cannot be split in two.
-    smollm2 = ModelConfig("LlamaForCausalLM", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
-    with pytest.raises(ValueError, match=r"num_attention_heads \(9\) .* tensor_parallel_size \(2\)"):
-        tp_layout(smollm2, 0, 2)
-    tp_layout(smollm2, 0, 3)  # ... but in three it can: 3 query heads and 1 KV head a rank
-    uneven_kv = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=48, intermediate_size=96,
-                            num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
-    with pytest.raises(ValueError, match=r"num_key_value_heads \(2\) and tensor_parallel_size \(3\)"):
-        tp_layout(uneven_kv, 0, 3)
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         EngineConfig(model="x", tensor_parallel_size=0)
-    with pytest.raises(ValueError, match="num_attention_heads"):
+    with pytest.raises(ValueError, match="intermediate_size"):
         LLM(tiny_checkpoints["llama"][0], tensor_parallel_size=3, **ENGINE)
     assert multiprocessing.active_children() == [] and not dist.is_initialized()
 
@@ -203,7 +256,7 @@ def assert_clean_shutdown(llm) -> None:
         socket.create_connection(("127.0.0.1", executor.port), timeout=2).close()
 
 
-@pytest.mark.parametrize("arch", ARCHS + ["llama-bias"])
+@pytest.mark.parametrize("arch", ARCHS + ["llama-bias", "odd-heads"])
 def test_tp2_generates_what_tp1_does(request, arch):
     """An engine per test, not a shared fixture: a process holds one TP group at a time, xdist or not."""
     path, hf = checkpoint(request, arch)
@@ -221,6 +274,23 @@ def test_tp2_generates_what_tp1_does(request, arch):
         assert generate(tp2, prompts, seeded) == generate(tp1, prompts, seeded)
         # Unseeded rows draw from the engine's shared generator, seeded alike on every rank.
         generate(tp2, prompts, SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    finally:
+        tp2.engine.shutdown()
+    assert_clean_shutdown(tp2)
+
+
+def test_smollm2_tp2_generates_what_tp1_does(smollm2_path):
+    """The bundled model, whose 9 query heads split 5 + 4 with padding slots, from its GGUF file."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    engine = dict(device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=64)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tp1 = LLM(str(smollm2_path), **engine)
+    expected = generate(tp1, prompts, greedy)
+    tp1.engine.shutdown()
+    tp2 = LLM(str(smollm2_path), tensor_parallel_size=2, **engine)
+    try:
+        assert generate(tp2, prompts, greedy) == expected
+        tp2.engine.kv_cache.check_no_leak()
     finally:
         tp2.engine.shutdown()
     assert_clean_shutdown(tp2)

@@ -21,10 +21,15 @@ ENGINE = dict(device="cuda", dtype="float32", max_model_len=512, num_kv_blocks=2
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_tp2_over_nccl_matches_tp1(tiny_checkpoints, arch, cuda_graphs):
-    path, model = tiny_checkpoints[arch]
-    prompts = make_prompts(model.config.vocab_size)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "smollm2"])
+def test_tp2_over_nccl_matches_tp1(request, tiny_checkpoints, arch, cuda_graphs):
+    """smollm2: the bundled model, whose 9 query heads split 5 + 4 with padding slots."""
+    if arch == "smollm2":
+        path = str(request.getfixturevalue("smollm2_path"))
+        prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    else:
+        path, model = tiny_checkpoints[arch]
+        prompts = make_prompts(model.config.vocab_size)
     tp1 = LLM(path, cuda_graphs=cuda_graphs, **ENGINE)
     expected = [o.outputs[0].token_ids for o in tp1.generate(prompts, GREEDY)]
     del tp1

@@ -131,14 +131,18 @@ def test_disaggregated_tokens_equal_unified_with_partial_hits(tiny_checkpoints, 
     asyncio.run(main())
 
 
-def test_smollm2_disaggregated_equals_unified():
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(1, 1), (2, 1), (1, 2)])
+def test_smollm2_disaggregated_equals_unified(prefill_tp, decode_tp):
+    """At TP=2 SmolLM2's 9 query heads split 5 + 4 with padding slots: a TP=2 prefill side gathers the
+    3 KV heads from the ranks that hold them, a TP=2 decode side hands each rank the ones it holds.
+    (One tensor-parallel engine per process: never TP=2 on both sides here.)"""
     prompt = prompt_of(60, seed=5, vocab=49152)
 
     async def main():
         engine = dict(max_model_len=512)
         expected = await unified_tokens("smollm2-135m", [prompt], **engine)
-        p = await Worker("smollm2-135m", "p", "prefill", **engine).serve()
-        d = await Worker("smollm2-135m", "d", "decode", **engine).serve()
+        p = await Worker("smollm2-135m", "p", "prefill", tensor_parallel_size=prefill_tp, **engine).serve()
+        d = await Worker("smollm2-135m", "d", "decode", tensor_parallel_size=decode_tp, **engine).serve()
         try:
             tokens, cached, _ = await disaggregated(p, d, "s", prompt)
             assert [tokens] == expected and cached == 48

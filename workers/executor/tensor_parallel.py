@@ -11,8 +11,15 @@
 - the LM head is vocab-parallel with an all-gather, so every rank holds the full logits and samples
   the same tokens. Tied embeddings stay tied: head and embedding share the one shard.
 
-Heads: rank ``r`` owns query heads ``[r * H/N, (r+1) * H/N)`` and the KV heads they read. With more
-ranks than KV heads each KV head is replicated on the ``N / kv`` ranks whose query heads use it.
+Heads: rank ``r`` owns query heads ``[r * H // N, (r+1) * H // N)`` and holds the KV heads they read
+(a KV head shared by two ranks' query heads is held by both). Local query slots are laid out KV head
+by KV head, the same number of slots per KV head on every rank (the most query heads of one KV head any
+rank owns); a slot no owned head fills is a padding head with zero q/o weights, so it adds nothing to
+the output. Ranks are padded to the same number of KV slots (a padding slot repeats a held KV head and
+has only padding query slots), so every rank has the same shapes. When ``N`` divides the heads evenly
+along KV groups (the usual case) there is no padding at all: ``[r * H/N, (r+1) * H/N)`` and its KV
+heads, split when there are at least ``N`` KV heads, replicated on ``N / kv`` ranks otherwise.
+SmolLM2's 9 query heads over 3 KV heads split in two as ``[0, 1, 2 | 3, -, -]`` and ``[-, 4, 5 | 6, 7, 8]``.
 The vocab is padded up to a multiple of ``N`` with zero rows; the padded logits are cut off after
 the gather. Norms (Qwen3's per-head q/k norms act on ``head_dim``) and the rotary cache are replicated.
 
@@ -42,22 +49,40 @@ from shoal.workers.models.rotary import cos_sin_cache
 ProcessGroup = dist.ProcessGroup | None  # None: the default (world) group
 
 
+PAD = -1  # a padding query slot: zero weights, no head of the model
+
+
 @dataclass(frozen=True)
 class TPLayout:
-    """The slice of the model one rank holds; ranges are in heads, features and vocab rows."""
+    """The slice of the model one rank holds; ranges are in features and vocab rows."""
 
     rank: int
     world_size: int
     head_dim: int
-    q_head_start: int
-    num_q_heads: int  # per rank
-    kv_head_start: int
-    num_kv_heads: int  # per rank (1 when KV heads are replicated)
+    q_heads: tuple[int, ...]  # per local query slot: its query head in the model, or PAD
+    kv_heads: tuple[int, ...]  # per local KV slot: its KV head in the model
     intermediate_start: int
     intermediate_per_rank: int
     vocab_start: int
     vocab_per_rank: int  # padded: ceil(vocab_size / world_size)
     vocab_size: int
+
+    @property
+    def num_q_heads(self) -> int:
+        return len(self.q_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.kv_heads)
+
+
+def _owned_heads(cfg: ModelConfig, rank: int, world_size: int) -> dict[int, list[int]]:
+    """KV head -> the query heads reading it that ``rank`` owns, in head order."""
+    heads, group = cfg.num_attention_heads, cfg.num_kv_groups
+    owned: dict[int, list[int]] = {}
+    for h in range(heads * rank // world_size, heads * (rank + 1) // world_size):
+        owned.setdefault(h // group, []).append(h)
+    return owned
 
 
 def tp_layout(cfg: ModelConfig, rank: int, world_size: int) -> TPLayout:
@@ -66,48 +91,56 @@ def tp_layout(cfg: ModelConfig, rank: int, world_size: int) -> TPLayout:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    if heads % world_size:
-        raise ValueError(
-            f"num_attention_heads ({heads}) must be divisible by tensor_parallel_size ({world_size}): "
-            f"a rank holds whole query heads; use a tensor_parallel_size that divides {heads}")
-    if (kv >= world_size and kv % world_size) or (kv < world_size and world_size % kv):
-        raise ValueError(
-            f"num_key_value_heads ({kv}) and tensor_parallel_size ({world_size}) must divide one another: "
-            f"each rank needs whole KV heads (split when kv >= size, replicated when kv < size)")
+    heads = cfg.num_attention_heads
+    if world_size > heads:
+        raise ValueError(f"tensor_parallel_size ({world_size}) must be <= num_attention_heads ({heads}): "
+                         f"a rank holds at least one query head")
     if cfg.intermediate_size % world_size:
         raise ValueError(f"intermediate_size ({cfg.intermediate_size}) must be divisible by "
                          f"tensor_parallel_size ({world_size})")
-    q_per = heads // world_size
-    if kv >= world_size:
-        kv_per, kv_start = kv // world_size, rank * (kv // world_size)
-    else:  # replicated: the one KV head this rank's query heads share
-        kv_per, kv_start = 1, rank * q_per // cfg.num_kv_groups
+    per_rank = [_owned_heads(cfg, r, world_size) for r in range(world_size)]
+    slots_per_kv = max(len(qs) for owned in per_rank for qs in owned.values())
+    kv_slots = max(len(owned) for owned in per_rank)
+    owned = per_rank[rank]
+    kv_heads = list(owned)
+    q_heads = [q for k in kv_heads for q in owned[k] + [PAD] * (slots_per_kv - len(owned[k]))]
+    for _ in range(kv_slots - len(kv_heads)):  # the same shapes on every rank
+        kv_heads.append(kv_heads[-1])
+        q_heads += [PAD] * slots_per_kv
     inter = cfg.intermediate_size // world_size
     vocab_per = math.ceil(cfg.vocab_size / world_size)
-    return TPLayout(rank, world_size, cfg.head_dim, rank * q_per, q_per, kv_start, kv_per,
+    return TPLayout(rank, world_size, cfg.head_dim, tuple(q_heads), tuple(kv_heads),
                     rank * inter, inter, rank * vocab_per, vocab_per, cfg.vocab_size)
 
 
-def shard_rule(layout: TPLayout, name: str) -> tuple[int, int, int] | None:
-    """``(dim, start, length)`` of HF tensor ``name`` that this rank holds; None: every rank holds all of it."""
+Rows = range | tuple[int, ...]  # rows of a tensor along one dim: a contiguous range, or one by one (PAD: zeros)
+
+
+def _head_rows(heads: tuple[int, ...], head_dim: int) -> Rows:
+    """The feature rows of these heads: a range when they are consecutive (no padding), else row by row."""
+    if PAD not in heads and list(heads) == list(range(heads[0], heads[0] + len(heads))):
+        return range(heads[0] * head_dim, (heads[0] + len(heads)) * head_dim)
+    return tuple(PAD if h == PAD else h * head_dim + i for h in heads for i in range(head_dim))
+
+
+def shard_rule(layout: TPLayout, name: str) -> tuple[int, Rows] | None:
+    """``(dim, rows)`` of HF tensor ``name`` that this rank holds; None: every rank holds all of it."""
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return 0, layout.vocab_start, layout.vocab_per_rank
+        return 0, range(layout.vocab_start, layout.vocab_start + layout.vocab_per_rank)
     module, kind = name.split(".")[-2:]
-    hd = layout.head_dim
-    q_rows = (layout.q_head_start * hd, layout.num_q_heads * hd)
-    kv_rows = (layout.kv_head_start * hd, layout.num_kv_heads * hd)
-    inter = (layout.intermediate_start, layout.intermediate_per_rank)
+    q_rows = _head_rows(layout.q_heads, layout.head_dim)
+    kv_rows = _head_rows(layout.kv_heads, layout.head_dim)
+    inter = range(layout.intermediate_start, layout.intermediate_start + layout.intermediate_per_rank)
     if module == "q_proj":
-        return (0, *q_rows)
+        return 0, q_rows
     if module in ("k_proj", "v_proj"):
-        return (0, *kv_rows)
+        return 0, kv_rows
     if module in ("gate_proj", "up_proj"):
-        return (0, *inter)
+        return 0, inter
     if module == "o_proj" and kind == "weight":
-        return (1, *q_rows)
+        return 1, q_rows
     if module == "down_proj" and kind == "weight":
-        return (1, *inter)
+        return 1, inter
     return None  # norms, row-parallel biases
 
 
@@ -121,15 +154,23 @@ def _pad_rows(part: torch.Tensor, dim: int, length: int) -> torch.Tensor:
     return torch.cat((part, part.new_zeros(shape)), dim=dim)
 
 
+def take_rows(tensor: torch.Tensor, dim: int, rows: Rows) -> torch.Tensor:
+    """``rows`` of ``tensor`` along ``dim``, in their own storage; rows past the end or PAD are zeros."""
+    size = tensor.shape[dim]
+    if isinstance(rows, range):
+        start, stop = min(rows.start, size), min(rows.stop, size)
+        part = tensor.narrow(dim, start, stop - start).clone(memory_format=torch.contiguous_format)
+        return _pad_rows(part, dim, len(rows))
+    index = torch.tensor([max(r, 0) for r in rows], device=tensor.device)
+    part = tensor.index_select(dim, index)
+    pads = [i for i, r in enumerate(rows) if r == PAD]
+    return part.index_fill_(dim, torch.tensor(pads, device=tensor.device), 0) if pads else part
+
+
 def shard_tensor(layout: TPLayout, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """This rank's slice of a full HF tensor, in its own storage (the full tensor can be freed)."""
     rule = shard_rule(layout, name)
-    if rule is None:
-        return tensor
-    dim, start, length = rule
-    start = min(start, tensor.shape[dim])
-    part = tensor.narrow(dim, start, min(length, tensor.shape[dim] - start))
-    return _pad_rows(part.clone(memory_format=torch.contiguous_format), dim, length)
+    return tensor if rule is None else take_rows(tensor, *rule)
 
 
 # -- the parallel modules ----------------------------------------------------------------------------
@@ -239,7 +280,7 @@ def _shard_columns(layout: TPLayout, module: nn.Module, fused_attr: str, parts: 
         for part, name in zip(parts, names):
             linear = getattr(module, part)
             setattr(module, part, _column_parallel(layout, linear, [name], [linear.out_features]))
-    return tuple(shard_rule(layout, f"{name}.weight")[2] for name in names)
+    return tuple(len(shard_rule(layout, f"{name}.weight")[1]) for name in names)
 
 
 def _shard_layer(layout: TPLayout, layer: nn.Module, prefix: str, group: ProcessGroup) -> None:
@@ -303,12 +344,15 @@ def iter_safetensors_shard(path: Path, dtype: torch.dtype, layout: TPLayout
                 if rule is None:
                     yield key, f.get_tensor(key).to(dtype)
                     continue
-                dim, start, length = rule
+                dim, rows = rule
+                if not isinstance(rows, range):  # padded heads: read the tensor, then pick its rows
+                    yield key, take_rows(f.get_tensor(key), dim, rows).to(dtype)
+                    continue
                 sl = f.get_slice(key)
                 size = sl.get_shape()[dim]
-                start, stop = min(start, size), min(start + length, size)
+                start, stop = min(rows.start, size), min(rows.stop, size)
                 part = sl[start:stop] if dim == 0 else sl[:, start:stop]
-                yield key, _pad_rows(part.to(dtype), dim, length)
+                yield key, _pad_rows(part.to(dtype), dim, len(rows))
 
 
 def iter_dummy_weights(full: LlamaForCausalLM, dtype: torch.dtype, device: torch.device, seed: int

@@ -149,17 +149,19 @@ class TPRank:
     # -- KV blocks as whole-model tensors (disaggregated serving moves them between engines) ------------
     def gather_kv(self, block_ids: list[int]) -> torch.Tensor | None:
         """Rank 0 gets the blocks with every KV head: [layers, 2, n, block_size, kv_heads, head_dim];
-        the others return None. Each rank contributes the heads it owns (the first holder of a
-        replicated head)."""
-        local = gather_blocks(self.runner.kv_caches, block_ids)  # [..., kv_heads_per_rank, head_dim]
+        the others return None. Each KV head comes from its first holder (a head two ranks share is
+        the same on both)."""
+        local = gather_blocks(self.runner.kv_caches, block_ids)  # [..., kv_slots_per_rank, head_dim]
         shards = [torch.empty_like(local) for _ in range(self.group.world_size)]
         dist.all_gather(shards, local)  # the data group: NCCL on GPU moves device memory directly
         if self.group.rank != 0:
             return None
-        layouts = self._layouts()
-        heads = [next(s[..., h - lay.kv_head_start, :] for s, lay in zip(shards, layouts)
-                      if lay.kv_head_start <= h < lay.kv_head_start + lay.num_kv_heads)
-                 for h in range(self.model.config.num_key_value_heads)]
+        holder = {}  # KV head -> (rank, slot) of its first holder
+        for r, lay in enumerate(self._layouts()):
+            for slot, h in enumerate(lay.kv_heads):
+                holder.setdefault(h, (r, slot))
+        where = [holder[h] for h in range(self.model.config.num_key_value_heads)]
+        heads = [shards[r][..., slot, :] for r, slot in where]
         return torch.stack(heads, dim=-2).contiguous()
 
     def scatter_kv(self, block_ids: list[int], shape: tuple[int, ...], data: torch.Tensor | None = None) -> None:
@@ -169,9 +171,8 @@ class TPRank:
         else:
             data = data.to(self.device)
         dist.broadcast(data, src=0)
-        lay = self._layouts()[self.group.rank]
-        scatter_blocks(self.runner.kv_caches, block_ids,
-                       data[..., lay.kv_head_start:lay.kv_head_start + lay.num_kv_heads, :].contiguous())
+        slots = torch.tensor(self._layouts()[self.group.rank].kv_heads, device=data.device)
+        scatter_blocks(self.runner.kv_caches, block_ids, data.index_select(-2, slots))
 
     def release_graphs(self) -> None:
         """Drop the CUDA graphs before the group goes: graphs that captured NCCL collectives keep the
