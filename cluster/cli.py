@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-
 from importlib.metadata import PackageNotFoundError, version
+
+from shoal.workers.disagg_config import add_kv_transfer_args
 
 
 def _version() -> str:
@@ -139,29 +140,37 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-waiting-requests", type=int, default=1024)
     srv.add_argument("--worker-start-timeout", type=float, default=600.0, help="seconds a worker may take to load")
     add_engine_args(srv)
+    add_kv_transfer_args(srv)  # --kv-export-ttl, --kv-link-timeout, --kv-layers-per-chunk: the workers' own flags
     srv.set_defaults(func=cmd_serve)
 
     lch = sub.add_parser(
         "launch", help="start a deployment on a Ray cluster and watch it until Ctrl-C / SIGTERM / shoal stop",
-        description="Start the spec's worker replicas as Ray placement groups + actors, and a router in this "
-                    "process fed by etcd membership; restart dead replicas; stop everything on exit. "
+        description="Start the spec's worker replicas as Ray placement groups + actors, and router.replicas "
+                    "routers fed by etcd membership (one in this process, the others as Ray actors on other "
+                    "nodes); restart dead workers and router actors; stop everything on exit. "
                     "Works as a Ray job: ray job submit --working-dir . -- shoal launch -f deploy.yaml")
     lch.add_argument("-f", "--file", required=True, help="deployment spec (.yaml, .yml or .json)")
     lch.add_argument("--address", default=None, help="Ray address: auto, ray://host:10001 or host:port "
                                                      "(default: $RAY_ADDRESS, else auto)")
     lch.add_argument("--etcd", default=None, help="etcd host:port[,host:port] (default: the spec's; an "
                                                   "embedded etcd when that is the default and none answers)")
-    lch.add_argument("--host", default="0.0.0.0", help="router bind address (default: %(default)s)")
-    lch.add_argument("--port", type=int, default=None, help="router port; 0 picks a free one "
-                                                            "(default: the spec's router.port)")
+    lch.add_argument("--host", default="0.0.0.0", help="every router's bind address on its node "
+                                                       "(default: %(default)s)")
+    lch.add_argument("--port", type=int, default=None, help="every router's port on its node; 0: each picks "
+                                                            "a free one (default: the spec's router.port)")
     lch.add_argument("--host-ip", default=None, help="this node's IP as others reach it (default: Ray's)")
-    lch.add_argument("--lease-ttl", type=int, default=10, help="worker etcd lease TTL in s (default: %(default)s)")
-    lch.add_argument("--check-interval", type=float, default=1.0, help="seconds between replica checks")
+    lch.add_argument("--lease-ttl", type=int, default=10,
+                     help="worker and router etcd lease TTL in s (default: %(default)s)")
+    lch.add_argument("--check-interval", type=float, default=1.0,
+                     help="seconds between checks of worker and router actors")
     lch.add_argument("--start-timeout", type=float, default=600.0, help="seconds a replica may take to start")
+    lch.add_argument("--hang-timeout", type=float, default=60.0,
+                     help="seconds a started replica may leave every health ping unanswered before it is "
+                          "killed and restarted (default: %(default)s)")
     lch.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
     lch.set_defaults(func=cmd_launch)
 
-    for name, func, help_text in (("status", cmd_status, "list deployments and their workers from etcd"),
+    for name, func, help_text in (("status", cmd_status, "list deployments, their workers and routers from etcd"),
                                   ("stop", cmd_stop, "stop a launched deployment (its shoal launch drains "
                                                      "and removes it)")):
         p = sub.add_parser(name, help=help_text, description=help_text)

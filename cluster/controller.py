@@ -11,6 +11,12 @@ in the same placement group, with a new worker id (``<role>-<index>-<generation>
 "old gone, new came" and never confuses the two. Ray's own ``max_restarts`` is off on purpose: a
 restarted actor would come back with no engine, and the controller re-creates it whole instead.
 
+Hangs: an actor that is alive but answers no health ping for ``hang_timeout_s`` (counted from the
+first of an unbroken run of timed-out pings; any answer resets it) is wedged: a blocked event loop,
+a call stuck in C code holding the GIL. Its lease is revoked, it is killed, and it restarts like a
+dead one. Only a replica that has started (its ``start()`` returned an endpoint) is judged this way:
+loading a model has its own limit, ``start_timeout_s``.
+
 Stopping from another process: ``shoal stop NAME`` puts ``<prefix>/<name>/control`` = ``stop``;
 :meth:`Controller.run` polls that key (and its own stop event) and returns when either says so.
 """
@@ -19,8 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import aetcd
 import ray
@@ -68,6 +75,9 @@ class Replica:
     endpoint: str | None = None
     lease_id: int | None = None
     restarts: int = 0
+    hangs: int = 0  # restarts because it stopped answering, not because it died
+    # When the first of the current run of unanswered health pings was sent; None: the last one answered.
+    unanswered_since: float | None = None
     restarting: asyncio.Task | None = field(default=None, repr=False)
 
     @property
@@ -81,13 +91,19 @@ class Controller:
     ``client`` is a connected aetcd client; ``etcd_endpoints`` is what the actors connect to (it must
     be reachable from every node: not 127.0.0.1 unless the cluster is one machine).
     ``extra_resources_per_rank`` adds custom Ray resources to every bundle (e.g. a node-type resource).
+    ``hang_timeout_s``: how long a started replica may leave every health ping unanswered before it
+    is killed and restarted (see the module docstring).
     """
 
     def __init__(self, spec: DeploymentSpec, client: aetcd.Client, *, etcd_endpoints: str,
                  lease_ttl_s: int = 10, extra_resources_per_rank: Mapping[str, float] | None = None,
-                 start_timeout_s: float = 600.0, drain_grace_s: float = 5.0) -> None:
-        if start_timeout_s <= 0:
+                 start_timeout_s: float = 600.0, drain_grace_s: float = 5.0, hang_timeout_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not start_timeout_s > 0:
             raise ValueError(f"start_timeout_s must be > 0, got {start_timeout_s}")
+        if not hang_timeout_s > 0:
+            raise ValueError(f"hang_timeout_s must be > 0 (seconds a started replica may leave every "
+                             f"health ping unanswered), got {hang_timeout_s}")
         self.spec = spec
         self.client = client
         self.etcd_endpoints = etcd_endpoints
@@ -95,6 +111,8 @@ class Controller:
         self.extra = dict(extra_resources_per_rank or {})
         self.start_timeout_s = start_timeout_s
         self.drain_grace_s = drain_grace_s
+        self.hang_timeout_s = hang_timeout_s
+        self._clock = clock
         self.replicas: list[Replica] = []
         self.control_key = control_key(spec.name, spec.etcd.prefix)
         for role, pool in spec.pools.items():  # refuse a bad bundle before reserving anything
@@ -140,42 +158,75 @@ class Controller:
         replica.actor = actor_cls.remote(
             self.spec.name, replica.role, replica.worker_id, self.spec.model, dict(pool.engine),
             self.etcd_endpoints, tensor_parallel_size=pool.tensor_parallel_size, prefix=self.spec.etcd.prefix,
-            lease_ttl_s=self.lease_ttl_s, meta={"replica": f"{replica.role}-{replica.index}"})
+            lease_ttl_s=self.lease_ttl_s, meta={"replica": f"{replica.role}-{replica.index}"},
+            kv_transfer=dict(pool.kv_transfer))
         replica.endpoint = await asyncio.wait_for(replica.actor.start.remote(), self.start_timeout_s)
         replica.lease_id = await replica.actor.lease_id.remote()
         log.info("%s: %s serving on %s", self.spec.name, replica.worker_id, replica.endpoint)
 
     # -- monitor --------------------------------------------------------------------------------
 
-    async def check(self, ping_timeout_s: float = 5.0) -> list[str]:
-        """One pass: ping every actor; begin restarting those that died. -> worker ids found dead."""
-        dead = []
+    async def check(self, ping_timeout_s: float | None = None) -> list[str]:
+        """One pass: ping every actor; begin restarting those that died or hung. -> their worker ids.
+
+        ``ping_timeout_s`` (default: 5 s, or ``hang_timeout_s`` if that is shorter) bounds one ping.
+        """
+        timeout = min(5.0, self.hang_timeout_s) if ping_timeout_s is None else ping_timeout_s
+        judged = []
 
         async def ping(replica: Replica) -> None:
-            if replica.restarting is not None and not replica.restarting.done():
+            if replica.actor is None or (replica.restarting is not None and not replica.restarting.done()):
                 return
+            sent = self._clock()
             try:
-                await asyncio.wait_for(replica.actor.health.remote(), ping_timeout_s)
+                await asyncio.wait_for(replica.actor.health.remote(), timeout)
             except ray.exceptions.RayActorError:
-                dead.append(replica.worker_id)
-                replica.restarting = asyncio.get_running_loop().create_task(self._restart(replica))
-            except asyncio.TimeoutError:  # busy or wedged: the engine watchdog and the lease judge that
-                log.warning("%s did not answer a health ping within %.0f s", replica.worker_id, ping_timeout_s)
+                judged.append(replica.worker_id)
+                self._begin_restart(replica, hung=False)
+                return
+            except asyncio.TimeoutError:
+                if self._hung(replica, sent, timeout):
+                    judged.append(replica.worker_id)
+                    self._begin_restart(replica, hung=True)
+                return
+            replica.unanswered_since = None
 
         await asyncio.gather(*(ping(r) for r in self.replicas))
-        return dead
+        return judged
 
-    async def _restart(self, replica: Replica) -> None:
-        old = replica.worker_id
+    def _hung(self, replica: Replica, sent: float, timeout: float) -> bool:
+        """Note one unanswered ping; True once a started replica has answered none for hang_timeout_s."""
+        if replica.endpoint is None:  # still loading (start_timeout_s judges that) or being replaced
+            replica.unanswered_since = None
+            return False
+        if replica.unanswered_since is None:
+            replica.unanswered_since = sent
+        silent = self._clock() - replica.unanswered_since
+        log.warning("%s did not answer a health ping within %.1f s (silent for %.1f s of %.1f s allowed)",
+                    replica.worker_id, timeout, silent, self.hang_timeout_s)
+        return silent >= self.hang_timeout_s
+
+    def _begin_restart(self, replica: Replica, hung: bool) -> None:
+        replica.restarting = asyncio.get_running_loop().create_task(self._restart(replica, hung))
+
+    async def _restart(self, replica: Replica, hung: bool = False) -> None:
+        old, silent = replica.worker_id, replica.unanswered_since
         if replica.lease_id is not None:  # the key goes now, not at the TTL: routers stop at once
             try:
                 await self.client.revoke_lease(replica.lease_id)
             except Exception as e:  # noqa: BLE001 - expired already, or etcd away: the TTL finishes it
                 log.info("revoking the lease of %s: %s", old, e)
+        if hung:  # alive but wedged: it would hold its placement group's resources forever
+            ray.kill(replica.actor, no_restart=True)
+            replica.hangs += 1
         replica.generation += 1
         replica.restarts += 1
-        replica.endpoint = replica.lease_id = None
-        log.warning("%s: worker %s died; starting %s", self.spec.name, old, replica.worker_id)
+        replica.endpoint = replica.lease_id = replica.unanswered_since = None
+        if hung:
+            log.warning("%s: worker %s hung (no health answer for %.1f s); killed it, starting %s",
+                        self.spec.name, old, self._clock() - silent, replica.worker_id)
+        else:
+            log.warning("%s: worker %s died; starting %s", self.spec.name, old, replica.worker_id)
         try:
             await self._start_actor(replica)
         except Exception as e:  # noqa: BLE001 - kill it; the next check finds it dead and tries again
@@ -205,8 +256,9 @@ class Controller:
         return "signal"
 
     def describe(self) -> list[dict]:
+        """Per replica: its current worker id and endpoint, restarts (all causes) and how many were hangs."""
         return [{"replica": f"{r.role}-{r.index}", "worker_id": r.worker_id, "endpoint": r.endpoint,
-                 "restarts": r.restarts} for r in self.replicas]
+                 "restarts": r.restarts, "hangs": r.hangs} for r in self.replicas]
 
     # -- stop -----------------------------------------------------------------------------------
 

@@ -2,10 +2,11 @@
 
 ``shoal launch -f deploy.yaml`` connects to Ray (``--address``, else ``$RAY_ADDRESS``, else ``auto``),
 finds etcd (``--etcd``, else the spec's endpoints; when neither answers and the spec names the default
-``127.0.0.1:2379``, it starts an embedded etcd on this node), starts the :class:`Controller`, then a
-router in this process whose worker pool follows etcd membership (:class:`EtcdRouter`). It stays in
-the foreground watching the replicas until SIGTERM / Ctrl-C or ``shoal stop NAME``, then stops the
-router and the deployment. That makes it a Ray job entrypoint as is:
+``127.0.0.1:2379``, it starts an embedded etcd on this node), starts the :class:`Controller`, then
+``router.replicas`` routers whose worker pools follow etcd membership (:class:`EtcdRouter`): router 0
+in this process, the others as Ray actors on other nodes (``cluster/ray_router.py``). It stays in
+the foreground watching workers and router actors until SIGTERM / Ctrl-C or ``shoal stop NAME``,
+then stops the routers and the deployment. That makes it a Ray job entrypoint as is:
 ``ray job submit --working-dir . -- shoal launch -f deploy.yaml`` (``ray job stop`` sends SIGTERM).
 """
 
@@ -40,20 +41,45 @@ class EtcdRouter:
     A ``MembershipWatcher`` adds a ``GrpcWorkerClient`` for each registered worker and removes it when
     the key goes (drained, lease expired or revoked). The pool's health polls cover the gap between
     a worker dying and its key going: a failed poll takes it out of placement at once.
+
+    With a ``router_id`` it also registers itself under ``routers/<router_id>`` (a lease of
+    ``lease_ttl_s``) once it serves, and deregisters first thing at :meth:`stop`. ``advertise_host``
+    is the host its URL names when it binds a wildcard address (the node's IP).
     """
 
     def __init__(self, spec: DeploymentSpec, client, *, host: str = "0.0.0.0", port: int | None = None,
-                 health_interval_s: float = 1.0, tokenizer: str | None = None) -> None:
+                 health_interval_s: float = 1.0, tokenizer: str | None = None, router_id: str | None = None,
+                 lease_ttl_s: int = 10, advertise_host: str | None = None, meta: dict | None = None) -> None:
         self.spec, self.client = spec, client
         self.host = host
         self.port = spec.router.port if port is None else port
         self.health_interval_s = health_interval_s
         self.tokenizer = tokenizer
+        self.router_id, self.lease_ttl_s, self.meta = router_id, lease_ttl_s, dict(meta or {})
+        self.advertise_host = advertise_host
         self.pool = None
         self.watcher = None
+        self.registration = None  # RouterRegistration, with a router_id
         self._server = None
         self._task: asyncio.Task | None = None
         self.bound: tuple[str, int] | None = None
+
+    @property
+    def url(self) -> str | None:
+        """``http://host:port`` as clients reach it (the OpenAI API is under ``/v1``); None before start."""
+        if self.bound is None:
+            return None
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = self.advertise_host or host
+        return f"http://[{host}]:{self.bound[1]}" if ":" in host else f"http://{host}:{self.bound[1]}"
+
+    @property
+    def serving(self) -> bool:
+        """uvicorn runs and, with a router_id, the registration's keep-alive does."""
+        server, task = self._server, self._task
+        up = server is not None and task is not None and not task.done() and server.started
+        return up and (self.registration is None or self.registration.alive)
 
     def _tokenizer(self):
         from shoal.workers.models.loader import tokenizer_path
@@ -110,13 +136,26 @@ class EtcdRouter:
 
         self.watcher = await MembershipWatcher(self.client, self.spec.name, prefix=self.spec.etcd.prefix,
                                                on_add=on_add, on_remove=on_remove).start()
+        if self.router_id is not None:
+            from shoal.cluster.registry import RouterRegistration
+
+            self.registration = await RouterRegistration(
+                self.client, self.spec.name, self.router_id, self.url, ttl_s=self.lease_ttl_s,
+                prefix=self.spec.etcd.prefix, meta={"pid": os.getpid(), **self.meta}).start()
         return self.bound[1]
 
     async def stop(self) -> None:
-        if self.watcher is not None:
-            await self.watcher.stop()
-        if self._server is not None:
-            self._server.should_exit = True
+        """Deregister (a balancer reading etcd stops sending here), stop following etcd, then let
+        uvicorn finish in-flight requests. Safe after a partial start and twice."""
+        registration, self.registration = self.registration, None
+        if registration is not None:
+            await registration.deregister()
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            await watcher.stop()
+        server, self._server = self._server, None
+        if server is not None:
+            server.should_exit = True
             await asyncio.gather(self._task, return_exceptions=True)  # the lifespan closes the pool
 
 
@@ -163,10 +202,87 @@ def _connect_ray(address: str | None) -> None:
     ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
 
 
+class Launch:
+    """One deployment on the connected Ray cluster: the workers' :class:`Controller`, router 0 in this
+    process, routers 1..N-1 as actors (:class:`RouterReplicas`), and the monitor over both.
+
+    Routers start after the controller (the spec is in etcd and the workers serve by then) and stop
+    before it, so none outlives the workers it routes to. :meth:`stop` is safe after a partial start
+    and twice. ``node_ip`` is the host router 0's URL names when it binds a wildcard address.
+    """
+
+    def __init__(self, spec: DeploymentSpec, client, *, etcd_endpoints: str, node_ip: str,
+                 host: str = "0.0.0.0", port: int | None = None, lease_ttl_s: int = 10,
+                 start_timeout_s: float = 600.0, health_interval_s: float = 1.0, hang_timeout_s: float = 60.0,
+                 extra_resources_per_rank: dict | None = None) -> None:
+        import ray
+
+        from shoal.cluster.controller import Controller
+        from shoal.cluster.ray_router import RouterReplicas
+
+        self.spec, self.client, self.node_ip = spec, client, node_ip
+        self.host, self.lease_ttl_s, self.health_interval_s = host, lease_ttl_s, health_interval_s
+        self.port = spec.router.port if port is None else port
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.controller = Controller(spec, client, etcd_endpoints=etcd_endpoints, lease_ttl_s=lease_ttl_s,
+                                     start_timeout_s=start_timeout_s, hang_timeout_s=hang_timeout_s,
+                                     extra_resources_per_rank=extra_resources_per_rank)
+        self.router: EtcdRouter | None = None
+        self.routers = RouterReplicas(spec, client, etcd_endpoints=etcd_endpoints, local_node_id=self.node_id,
+                                      host=host, port=self.port, lease_ttl_s=lease_ttl_s,
+                                      start_timeout_s=min(start_timeout_s, 120.0),
+                                      health_interval_s=health_interval_s)
+
+    @property
+    def urls(self) -> list[str]:
+        """Every router's ``http://host:port`` (router 0 first); the OpenAI API is under ``/v1``."""
+        first = [self.router.url] if self.router is not None and self.router.url else []
+        return first + self.routers.urls
+
+    async def start(self) -> list[str]:
+        """Workers, then router 0, then the router actors; -> :attr:`urls`. Raises (after removing
+        what was made) if any part fails to start."""
+        from shoal.cluster.ray_router import router_id
+
+        self.routers.check_nodes()  # before the workers spend minutes loading
+        try:
+            await self.controller.start()
+            self.router = EtcdRouter(self.spec, self.client, host=self.host, port=self.port,
+                                     health_interval_s=self.health_interval_s, router_id=router_id(0),
+                                     lease_ttl_s=self.lease_ttl_s, advertise_host=self.node_ip,
+                                     meta={"node_id": self.node_id})
+            await self.router.start()
+            await self.routers.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self.urls
+
+    async def run(self, stop: asyncio.Event, interval_s: float = 1.0) -> str:
+        """Watch workers and router actors until ``stop`` is set or ``shoal stop`` asks; -> why
+        (``"signal"`` or ``"control"``, from :meth:`Controller.run`)."""
+        done = asyncio.Event()
+        watch = asyncio.get_running_loop().create_task(self.routers.run(done, interval_s))
+        try:
+            return await self.controller.run(stop, interval_s=interval_s)
+        finally:
+            done.set()
+            await asyncio.gather(watch, return_exceptions=True)
+
+    async def stop(self) -> None:
+        try:
+            await self.routers.stop()
+            router, self.router = self.router, None
+            if router is not None:
+                await router.stop()
+        finally:  # the workers (placement groups, etcd keys) go whatever happened to the routers
+            await self.controller.stop()
+
+
 async def _launch(spec: DeploymentSpec, args: argparse.Namespace) -> int:
     import ray
 
-    from shoal.cluster.controller import Controller, control_key
+    from shoal.cluster.controller import control_key
     from shoal.cluster.registry import list_workers
 
     node_ip = args.host_ip or ray.util.get_node_ip_address()
@@ -175,30 +291,27 @@ async def _launch(spec: DeploymentSpec, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    controller = router = None
+    deployment = None
     try:
         if await list_workers(client, spec.name, spec.etcd.prefix):
             raise ValueError(f"deployment {spec.name!r} already has workers registered in etcd at {endpoints}; "
                              f"`shoal stop {spec.name} --etcd {endpoints}` first")
         await client.delete(control_key(spec.name, spec.etcd.prefix).encode())  # an old stop is not for us
-        controller = Controller(spec, client, etcd_endpoints=endpoints, lease_ttl_s=args.lease_ttl,
-                                start_timeout_s=args.start_timeout)
+        deployment = Launch(spec, client, etcd_endpoints=endpoints, node_ip=node_ip, host=args.host,
+                            port=args.port, lease_ttl_s=args.lease_ttl, start_timeout_s=args.start_timeout,
+                            hang_timeout_s=args.hang_timeout)
         n = sum(p.replicas for p in spec.pools.values())
-        _say(f"starting {spec.name!r}: {n} replica(s) of {spec.model}, etcd {endpoints}")
+        _say(f"starting {spec.name!r}: {n} replica(s) of {spec.model}, {spec.router.replicas} router(s), "
+             f"etcd {endpoints}")
         started = time.monotonic()
-        await controller.start()
-        router = EtcdRouter(spec, client, host=args.host, port=args.port)
-        port = await router.start()
-        shown = node_ip if args.host in ("0.0.0.0", "::") else args.host
-        _say(f"ready in {time.monotonic() - started:.1f} s: router on http://{shown}:{port}/v1 "
-             f"(model {spec.model!r}, etcd {endpoints})")
-        why = await controller.run(stop, interval_s=args.check_interval)
+        urls = [f"{url}/v1" for url in await deployment.start()]
+        where = f"router on {urls[0]}" if len(urls) == 1 else f"{len(urls)} routers on {', '.join(urls)}"
+        _say(f"ready in {time.monotonic() - started:.1f} s: {where} (model {spec.model!r}, etcd {endpoints})")
+        why = await deployment.run(stop, interval_s=args.check_interval)
         _say(f"stopping {spec.name!r} ({'shoal stop' if why == 'control' else 'signal'})")
     finally:
-        if router is not None:
-            await router.stop()
-        if controller is not None:
-            await controller.stop()
+        if deployment is not None:
+            await deployment.stop()
         await client.close()
         if embedded is not None:
             embedded.stop()
@@ -224,7 +337,7 @@ def launch(args: argparse.Namespace) -> int:
 
 async def _status(args: argparse.Namespace) -> int:
     from shoal.cluster.controller import STOP, control_key
-    from shoal.cluster.registry import connect, get_spec, list_deployments, list_workers
+    from shoal.cluster.registry import connect, get_spec, list_deployments, list_routers, list_workers
 
     client = await connect(args.etcd)
     try:
@@ -234,13 +347,19 @@ async def _status(args: argparse.Namespace) -> int:
         for name in names:
             spec = await get_spec(client, name, args.prefix)
             workers = await list_workers(client, name, args.prefix)
+            routers = await list_routers(client, name, args.prefix)
             control = await client.get(control_key(name, args.prefix).encode())
             want = sum(p.replicas for p in spec.pools.values()) if spec else "?"
+            want_routers = spec.router.replicas if spec else "?"
             state = " (stopping)" if control is not None and control.value == STOP else ""
             model = spec.model if spec else "?"
-            print(f"{name}: model {model}, {len(workers)}/{want} workers registered{state}")
+            print(f"{name}: model {model}, {len(workers)}/{want} workers registered, "
+                  f"{len(routers)}/{want_routers} routers{state}")
             for w in workers:
                 print(f"  {w.worker_id:<16} {w.role:<8} {w.endpoint:<22} node {str(w.meta.get('node_id', '?'))[:12]}")
+            for r in routers:
+                print(f"  {r.router_id:<16} {'router':<8} {r.url + '/v1':<22} node "
+                      f"{str(r.meta.get('node_id', '?'))[:12]}")
     finally:
         await client.close()
     return 0

@@ -7,6 +7,9 @@ as the actor process does (a killed actor drops out of etcd within the TTL). Wit
 ``tensor_parallel_size > 1`` the engine itself starts the other ranks as local processes
 (``workers/executor/tp_group.py``) inside the resources the replica's placement group reserved.
 
+The engine comes from :func:`shoal.workers.server.build_engine` (the one ``shoal serve``'s
+worker processes use), with the pool's ``engine`` options and its ``kv_transfer`` settings (DisaggConfig).
+
 Importing this module is cheap (the controller does, on the driver); torch and the engine are
 imported by ``start()``, inside the actor.
 """
@@ -17,6 +20,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
@@ -32,9 +36,11 @@ class WorkerActor:
 
     def __init__(self, deployment: str, role: str, worker_id: str, model: str, engine: Mapping[str, Any],
                  etcd_endpoints: str, *, tensor_parallel_size: int = 1, prefix: str = "/shoal",
-                 lease_ttl_s: int = 10, host: str | None = None, meta: Mapping[str, Any] | None = None) -> None:
+                 lease_ttl_s: int = 10, host: str | None = None, meta: Mapping[str, Any] | None = None,
+                 kv_transfer: Mapping[str, Any] | None = None) -> None:
         self.deployment, self.role, self.worker_id = deployment, role, worker_id
         self.model, self.engine_options = model, dict(engine)
+        self.kv_transfer = dict(kv_transfer or {})  # DisaggConfig fields; unset ones keep their defaults
         self.etcd_endpoints, self.prefix, self.lease_ttl_s = etcd_endpoints, prefix, lease_ttl_s
         self.tensor_parallel_size = tensor_parallel_size
         self.host = host
@@ -99,17 +105,27 @@ class WorkerActor:
                 "registered": registered, "engine_alive": engine_alive, "endpoint": self._endpoint,
                 "worker_id": self.worker_id}
 
+    async def disagg_config(self) -> dict | None:
+        """The engine's DisaggConfig as a dict (None before ``start()``): what its KV transfers use."""
+        return dataclasses.asdict(self._engine.disagg_config) if self._engine is not None else None
+
+    # -- test hook ------------------------------------------------------------------------------
+
+    async def wedge_for_test(self, seconds: float) -> None:
+        """For tests only: block this actor's event loop for ``seconds``, as a blocking call made on
+        the loop (or one stuck in C code holding the GIL) would. The process stays alive while
+        health pings, gRPC and the lease keep-alive all go unanswered: what the controller's hang
+        detection must catch. Nothing in shoal calls it."""
+        time.sleep(seconds)  # on purpose: not asyncio.sleep
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _build_engine(self):
-        from shoal.workers.async_engine import AsyncEngine
-        from shoal.workers.config import EngineConfig
-        from shoal.workers.llm_engine import LLMEngine
+        from shoal.workers.server import build_engine
 
-        # kv_events: the router's prefix index subscribes to them.
-        options = {**self.engine_options, "kv_events": True, "tensor_parallel_size": self.tensor_parallel_size}
-        config = EngineConfig(model=self.model, **options)
-        return AsyncEngine(LLMEngine(config), worker_id=self.worker_id, role=self.role).start()
+        options = {**self.engine_options, "tensor_parallel_size": self.tensor_parallel_size}
+        return build_engine(self.model, options, worker_id=self.worker_id, role=self.role,
+                            kv_transfer=self.kv_transfer)
 
     async def _teardown(self, grace_s: float) -> None:
         server, self._server = self._server, None

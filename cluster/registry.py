@@ -4,12 +4,15 @@ Key layout (``prefix`` is the spec's ``etcd.prefix``, ``/shoal`` by default)::
 
     <prefix>/<deployment>/spec                  the DeploymentSpec as JSON
     <prefix>/<deployment>/workers/<worker_id>   a WorkerRecord as JSON, attached to the worker's lease
+    <prefix>/<deployment>/routers/<router_id>   a RouterRecord as JSON, attached to the router's lease
 
 A worker is a member exactly while its key exists: :class:`WorkerRegistration` keeps the lease alive
 (and puts a fresh one if etcd forgot it), so a dead worker drops out within its TTL and a drained one
 (:meth:`WorkerRegistration.deregister`) at once. :class:`MembershipWatcher` turns the keys into
 add / remove events with no gap: a snapshot at revision R, then a watch from R + 1; after losing
 etcd it keeps the last membership it knew, and on reconnecting lists again and emits the difference.
+Routers register the same way (:class:`RouterRegistration`), so ``shoal status`` can list them and a
+load balancer's configuration can be read from etcd; nothing routes by router keys.
 """
 
 from __future__ import annotations
@@ -71,6 +74,17 @@ def worker_key(deployment: str, worker_id: str, prefix: str = DEFAULT_PREFIX) ->
     return workers_prefix(deployment, prefix) + worker_id
 
 
+def routers_prefix(deployment: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Ends in '/', like :func:`workers_prefix`."""
+    _check_segment("deployment", deployment)
+    return f"{_norm_prefix(prefix)}/{deployment}/routers/"
+
+
+def router_key(deployment: str, router_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    _check_segment("router_id", router_id)
+    return routers_prefix(deployment, prefix) + router_id
+
+
 def spec_key(deployment: str, prefix: str = DEFAULT_PREFIX) -> str:
     _check_segment("deployment", deployment)
     return f"{_norm_prefix(prefix)}/{deployment}/spec"
@@ -106,6 +120,25 @@ class WorkerRecord:
         names = {f.name for f in dataclasses.fields(WorkerInfo)}
         info = WorkerInfo(**{k: v for k, v in body.items() if k in names})
         return cls(info=info, endpoint=body["endpoint"], meta=body.get("meta") or {})
+
+
+@dataclass(frozen=True)
+class RouterRecord:
+    """What etcd holds for one OpenAI router replica: its id, its base URL (the API is under
+    ``<url>/v1``) and extras (``node_id``, ``pid``)."""
+
+    router_id: str
+    url: str  # http://host:port
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps({"router_id": self.router_id, "url": self.url, "meta": dict(self.meta)},
+                          sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "RouterRecord":
+        body = json.loads(data)
+        return cls(router_id=body["router_id"], url=body["url"], meta=body.get("meta") or {})
 
 
 @dataclass(frozen=True)
@@ -150,7 +183,7 @@ async def get_spec(client: aetcd.Client, deployment: str, prefix: str = DEFAULT_
 
 
 async def list_deployments(client: aetcd.Client, prefix: str = DEFAULT_PREFIX) -> list[str]:
-    """Deployments with a spec or at least one worker under ``prefix``, sorted."""
+    """Deployments with any key (spec, worker, router, control) under ``prefix``, sorted."""
     root = _norm_prefix(prefix) + "/"
     found = await client.get_prefix(root.encode(), keys_only=True)
     names = {kv.key.decode()[len(root):].split("/", 1)[0] for kv in found}
@@ -163,8 +196,26 @@ async def list_workers(client: aetcd.Client, deployment: str, prefix: str = DEFA
     return [members[w] for w in sorted(members)]
 
 
+async def list_routers(client: aetcd.Client, deployment: str, prefix: str = DEFAULT_PREFIX) -> list[RouterRecord]:
+    """The registered routers, sorted by id (records that do not parse are skipped with a warning)."""
+    root = routers_prefix(deployment, prefix)
+    routers = []
+    for kv in await client.get_prefix(root.encode()):
+        try:
+            record = RouterRecord.from_json(kv.value)
+        except (ValueError, TypeError, KeyError) as e:
+            log.warning("ignoring malformed router record %s: %s", kv.key.decode(), e)
+            continue
+        if record.router_id != kv.key.decode()[len(root):]:
+            log.warning("ignoring router record %s: it names router %r", kv.key.decode(), record.router_id)
+            continue
+        routers.append(record)
+    return sorted(routers, key=lambda r: r.router_id)
+
+
 async def delete_deployment(client: aetcd.Client, deployment: str, prefix: str = DEFAULT_PREFIX) -> int:
-    """Delete the spec and every worker key (the workers' leases stay until they expire or are revoked)."""
+    """Delete every key under ``<prefix>/<deployment>/``: the spec, the control key, every worker and
+    router key (their leases stay until they expire or are revoked)."""
     root = f"{_norm_prefix(prefix)}/{deployment}/"
     _check_segment("deployment", deployment)
     return (await client.delete_prefix(root.encode())).deleted
@@ -194,28 +245,26 @@ async def _snapshot(client: aetcd.Client, root: str) -> tuple[dict[str, WorkerRe
     return members, got.header.revision
 
 
-# -- a worker's registration ----------------------------------------------------------------------
+# -- registrations: a key that lives as long as its owner ------------------------------------------
 
-class WorkerRegistration:
-    """Keep ``info`` registered under a lease of ``ttl_s`` seconds while this object is alive.
+class LeasedKey:
+    """Keep ``key`` = ``value`` in etcd under a lease of ``ttl_s`` seconds while this object is alive.
 
     The lease is refreshed every third of its TTL. If etcd says the lease is gone (it expired
     while etcd was unreachable, or etcd lost its data) a new lease is granted and the key put
     again; after any outage the key is put again on the same lease, in case etcd came back from
-    an older snapshot. Worker ids must be unique among live processes: the last writer owns the key.
+    an older snapshot. Keys must be unique among live processes: the last writer owns the key.
     """
 
-    def __init__(self, client: aetcd.Client, deployment: str, info: WorkerInfo, endpoint: str,
-                 ttl_s: int = 10, *, prefix: str = DEFAULT_PREFIX, meta: Mapping[str, Any] | None = None,
+    def __init__(self, client: aetcd.Client, key: str, value: bytes, ttl_s: int = 10, *,
                  retry_s: float = 0.1, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         if isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or ttl_s < 1:
             raise ValueError(f"ttl_s must be an integer >= 1 (etcd leases count whole seconds), got {ttl_s!r}")
         if retry_s <= 0:
             raise ValueError(f"retry_s must be > 0, got {retry_s}")
         self.client = client
-        self.deployment = deployment
-        self.record = WorkerRecord(info, endpoint, dict(meta or {}))
-        self.key = worker_key(deployment, info.worker_id, prefix)
+        self.key = key
+        self.value = value
         self.ttl_s = ttl_s
         self.retry_s = retry_s
         self._sleep = sleep
@@ -225,18 +274,14 @@ class WorkerRegistration:
         self._task: asyncio.Task | None = None
 
     @property
-    def worker_id(self) -> str:
-        return self.record.worker_id
-
-    @property
     def alive(self) -> bool:
         """The keep-alive task is running."""
         return self._task is not None and not self._task.done()
 
-    async def start(self) -> "WorkerRegistration":
+    async def start(self) -> "LeasedKey":
         """Register now (raises if etcd cannot be reached), then keep the lease alive in the background."""
         if self._task is not None:
-            raise RuntimeError(f"registration of {self.worker_id!r} was already started")
+            raise RuntimeError(f"registration of {self.key!r} was already started")
         await self._register()
         self._task = asyncio.get_running_loop().create_task(self._keepalive(), name=f"etcd-lease:{self.key}")
         return self
@@ -266,7 +311,7 @@ class WorkerRegistration:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    async def __aenter__(self) -> "WorkerRegistration":
+    async def __aenter__(self) -> "LeasedKey":
         return await self.start()
 
     async def __aexit__(self, *exc) -> None:
@@ -277,7 +322,7 @@ class WorkerRegistration:
         # Ours from now on: should the put fail, the keep-alive refreshes this lease and, the outage
         # over, puts the key again under it.
         self.lease_id, self.granted_ttl_s = lease.id, lease.ttl
-        await self.client.put(self.key.encode(), self.record.to_json(), lease=lease.id)
+        await self.client.put(self.key.encode(), self.value, lease=lease.id)
         self.registrations += 1
 
     async def _keepalive(self) -> None:
@@ -291,7 +336,7 @@ class WorkerRegistration:
                     log.warning("lease of %s is gone; registering again", self.key)
                     await self._register()
                 elif outage:  # etcd may be back from an older snapshot that lacks the key
-                    await self.client.put(self.key.encode(), self.record.to_json(), lease=self.lease_id)
+                    await self.client.put(self.key.encode(), self.value, lease=self.lease_id)
                 interval = max(self.granted_ttl_s / 3, 0.1)
                 delay, outage = interval, False
             except asyncio.CancelledError:
@@ -302,6 +347,38 @@ class WorkerRegistration:
                 # Retry soon (the lease is running out), backing off from retry_s to the refresh interval.
                 delay = min(delay * 2, interval) if outage else min(self.retry_s, interval)
                 outage = True
+
+
+class WorkerRegistration(LeasedKey):
+    """A worker is a member while this keeps its ``WorkerRecord`` under ``workers/<worker_id>``."""
+
+    def __init__(self, client: aetcd.Client, deployment: str, info: WorkerInfo, endpoint: str,
+                 ttl_s: int = 10, *, prefix: str = DEFAULT_PREFIX, meta: Mapping[str, Any] | None = None,
+                 retry_s: float = 0.1, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.deployment = deployment
+        self.record = WorkerRecord(info, endpoint, dict(meta or {}))
+        super().__init__(client, worker_key(deployment, info.worker_id, prefix), self.record.to_json(), ttl_s,
+                         retry_s=retry_s, sleep=sleep)
+
+    @property
+    def worker_id(self) -> str:
+        return self.record.worker_id
+
+
+class RouterRegistration(LeasedKey):
+    """A router is listed while this keeps its ``RouterRecord`` under ``routers/<router_id>``."""
+
+    def __init__(self, client: aetcd.Client, deployment: str, router_id: str, url: str, ttl_s: int = 10, *,
+                 prefix: str = DEFAULT_PREFIX, meta: Mapping[str, Any] | None = None, retry_s: float = 0.1,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.deployment = deployment
+        self.record = RouterRecord(router_id, url, dict(meta or {}))
+        super().__init__(client, router_key(deployment, router_id, prefix), self.record.to_json(), ttl_s,
+                         retry_s=retry_s, sleep=sleep)
+
+    @property
+    def router_id(self) -> str:
+        return self.record.router_id
 
 
 # -- membership -----------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The workers are ``python -m shoal.workers.server`` children speaking gRPC on 127.0.0.1 (the cluster
 path runs the same server in Ray actors); the router runs in this process under uvicorn. Ctrl-C or
-SIGTERM stops the router first (in-flight requests end), then the workers.
+SIGTERM stops the router first (in-flight requests end), then the workers. Every worker gets the ``--kv-*`` settings (only prefill and decode
+workers use them).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from .cli import engine_flags
+from shoal.workers.disagg_config import kv_transfer_flags, kv_transfer_options
+
 from .worker_process import WorkerProcess, WorkerStartError
 
 
@@ -57,11 +60,16 @@ def gpu_assignment(args: argparse.Namespace, num_workers: int) -> list[dict[str,
     return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[i * per:(i + 1) * per])} for i in range(num_workers)]
 
 
-def start_workers(args: argparse.Namespace) -> list[WorkerProcess]:
-    flags = engine_flags(args)
+def make_workers(args: argparse.Namespace) -> list[WorkerProcess]:
+    """The worker processes ``args`` asks for, not started yet."""
+    flags = engine_flags(args) + kv_transfer_flags(kv_transfer_options(args))
     roles = worker_roles(args)
     envs = gpu_assignment(args, len(roles))
-    workers = [WorkerProcess(wid, flags, role=role, env=env) for (wid, role), env in zip(roles, envs)]
+    return [WorkerProcess(wid, flags, role=role, env=env) for (wid, role), env in zip(roles, envs)]
+
+
+def start_workers(args: argparse.Namespace) -> list[WorkerProcess]:
+    workers = make_workers(args)
     for w in workers:
         w.start()
     try:
@@ -117,6 +125,7 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    kv_transfer_options(args)  # refuse a bad --kv-* value before anything starts
     tok_path = args.tokenizer or tokenizer_path(args.model)
     if tok_path is None:
         raise ValueError(f"model {args.model!r} has no tokenizer; pass --tokenizer PATH")

@@ -6,12 +6,32 @@ error reads ``pools.decode.replicas must be >= 0, got -1``. ``from_dict(spec.to_
 Torch-free on purpose: routers read the spec too. That is why engine option names are checked
 against ``EngineConfig``'s source (see :func:`engine_fields`) rather than by importing it;
 :meth:`PoolSpec.engine_config` builds the real, value-checked ``EngineConfig`` where torch is at hand.
+
+A pool's ``kv_transfer:`` mapping sets its workers' ``DisaggConfig`` (``workers/disagg_config.py``): how
+disaggregated prefill/decode moves KV blocks. Its keys are exactly DisaggConfig's fields, each
+optional (the default applies), and apply to whichever side the pool plays (a decode or unified
+worker pulls, a prefill worker serves pulls)::
+
+    pools:
+      prefill:
+        kv_transfer:
+          export_ttl_s: 30.0       # how long a prefilled prompt stays pinned waiting for its pull
+          link_timeout_s: 15.0     # limit of one link operation (open, send, receive)
+          rpc_timeout_s: 5.0       # limit of one control call to the prefill worker (decode side)
+          max_links_per_peer: 2    # decode side: concurrent transfers from one prefill worker
+          max_links: 64            # prefill side: links kept open (least recently used idle one goes)
+          link_idle_s: 300.0       # a link unused this long is closed
+          layers_per_chunk: 4      # layers per pipelined chunk; 0: one whole tensor
+
+Values are checked on load by DisaggConfig's own rules (see :func:`check_kv_transfer`), so
+``pools.prefill.kv_transfer.export_ttl_s must be > 0, got 0`` comes from the spec, not a worker.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import difflib
 import functools
 import importlib.util
@@ -23,6 +43,7 @@ from types import MappingProxyType
 from typing import Any, Iterator, Mapping
 
 from shoal.cluster.etcd import parse_endpoints
+from shoal.workers.disagg_config import DisaggConfig
 
 POOL_ROLES = ("unified", "prefill", "decode")
 AUTOSCALING_METRICS = ("kv_usage", "num_waiting", "num_running")  # WorkerLoad fields, averaged per pool
@@ -137,6 +158,33 @@ def _check_engine(engine: Mapping[str, Any]) -> None:
                             f"{', '.join(k for k in fields if k != 'model')}")
 
 
+# -- DisaggConfig (a pool's kv_transfer) -----------------------------------------------------------
+
+@functools.cache
+def kv_transfer_fields() -> Mapping[str, Any]:
+    """``DisaggConfig`` field name -> default: the keys a pool's ``kv_transfer`` may set."""
+    return MappingProxyType({f.name: f.default for f in dataclasses.fields(DisaggConfig)})
+
+
+def check_kv_transfer(options: Any) -> dict:
+    """``options`` as a dict of DisaggConfig fields, or a SpecError naming ``kv_transfer.<field>``:
+    an unknown key, a value of the wrong type, or one DisaggConfig's own checks refuse."""
+    d = _mapping(options, "kv_transfer", tuple(kv_transfer_fields()), "a kv_transfer (DisaggConfig) field")
+    kinds = {f.name: str(getattr(f.type, "__name__", f.type)) for f in dataclasses.fields(DisaggConfig)}
+    for key, value in d.items():
+        if kinds[key] == "int":
+            _check_int(value, f"kv_transfer.{key}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"kv_transfer.{key}", f"must be a number, got {value!r}")
+    try:
+        DisaggConfig(**d)
+    except ValueError as e:  # "DisaggConfig.<field> must be ...": the path is the field's
+        m = re.match(r"DisaggConfig\.(\w+) (.*)", str(e), re.S)
+        raise (SpecError(f"kv_transfer.{m.group(1)}", m.group(2)) if m
+               else SpecError("kv_transfer", f"is invalid: {e}")) from None
+    return d
+
+
 def parse_memory(value: Any, path: str = "memory") -> int:
     """Bytes from an int or a Kubernetes quantity (``"16Gi"``, ``"512Mi"``, ``"8G"``)."""
     if isinstance(value, str):
@@ -182,6 +230,7 @@ class PoolSpec:
     tensor_parallel_size: int = 1
     resources_per_rank: Resources = field(default_factory=Resources)
     engine: Mapping[str, Any] = field(default_factory=dict)  # EngineConfig fields other than model
+    kv_transfer: Mapping[str, Any] = field(default_factory=dict)  # DisaggConfig fields (see the module doc)
 
     def __post_init__(self) -> None:
         _check_int(self.replicas, "replicas", minimum=0)
@@ -192,6 +241,7 @@ class PoolSpec:
             raise SpecError("engine", f"must be a mapping, got {type(self.engine).__name__}")
         _check_engine(self.engine)
         object.__setattr__(self, "engine", _frozen(self.engine))
+        object.__setattr__(self, "kv_transfer", _frozen(check_kv_transfer(self.kv_transfer)))
 
     def engine_option(self, name: str) -> Any:
         """The value the engine will use: this pool's setting, else EngineConfig's default."""
@@ -203,14 +253,19 @@ class PoolSpec:
 
         return EngineConfig(model=model, **self.engine)
 
+    def disagg_config(self):
+        """The ``DisaggConfig`` of one replica's engine."""
+        return DisaggConfig(**self.kv_transfer)
+
     def to_dict(self) -> dict:
         return {"replicas": self.replicas, "tensor_parallel_size": self.tensor_parallel_size,
-                "resources_per_rank": self.resources_per_rank.to_dict(), "engine": dict(self.engine)}
+                "resources_per_rank": self.resources_per_rank.to_dict(), "engine": dict(self.engine),
+                "kv_transfer": dict(self.kv_transfer)}
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> "PoolSpec":
-        d = _mapping(data, path, ("replicas", "tensor_parallel_size", "resources_per_rank", "engine"),
-                     "a pool field")
+        d = _mapping(data, path, ("replicas", "tensor_parallel_size", "resources_per_rank", "engine",
+                                  "kv_transfer"), "a pool field")
         if "resources_per_rank" in d:
             d["resources_per_rank"] = Resources.from_dict(d["resources_per_rank"],
                                                           _join(path, "resources_per_rank"))

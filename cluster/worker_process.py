@@ -30,7 +30,7 @@ def _die_with_parent() -> None:
 @dataclass
 class WorkerProcess:
     worker_id: str
-    engine_args: list[str]  # CLI flags of the engine (``--model ...``)
+    engine_args: list[str]  # the child's flags: the engine's (``--model ...``), then any ``--kv-*``
     host: str = "127.0.0.1"
     role: str = "unified"
     env: dict[str, str] = field(default_factory=dict)
@@ -38,11 +38,13 @@ class WorkerProcess:
     _proc: subprocess.Popen | None = None
     _log_tail: list[str] = field(default_factory=list)
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "shoal.workers.server", "--host", self.host, "--port", "0",
+                "--worker-id", self.worker_id, "--role", self.role, *self.engine_args]
+
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "shoal.workers.server", "--host", self.host, "--port", "0",
-               "--worker-id", self.worker_id, "--role", self.role, *self.engine_args]
         self._proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             env={**os.environ, **self.env}, start_new_session=True,  # Ctrl-C reaches us, not it
             preexec_fn=_die_with_parent)
 

@@ -24,6 +24,14 @@ from shoal.workers.rpc import worker_pb2_grpc as pb_grpc
 from .worker_pool import WorkerUnavailable
 
 
+def _cancelled_under_us() -> bool:
+    """In an ``except CancelledError``: True when nobody cancelled this task, i.e. the call itself was
+    cancelled, as closing its channel does (the worker left the pool). The caller then must see a
+    worker failure, not a cancellation it would take for its own and never answer its client."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
 class GrpcWorkerClient:
     """Async client of one worker's ``shoal.worker.v1.Worker`` service.
 
@@ -77,6 +85,10 @@ class GrpcWorkerClient:
         return WorkerUnavailable(self.worker_id, f"{e.code().name}: {e.details()}", code=e.code().name,
                                  started=started)
 
+    def _closed_under_us(self, started: bool = False) -> WorkerUnavailable:
+        return WorkerUnavailable(self.worker_id, "its channel was closed (the worker left the pool)",
+                                 code="UNAVAILABLE", started=started)
+
     async def _unary(self, method, request):
         try:
             return await method(request, timeout=self.rpc_timeout_s)
@@ -111,6 +123,10 @@ class GrpcWorkerClient:
             reply = await call
         except grpc.aio.AioRpcError as e:
             raise self._error(e) from None
+        except asyncio.CancelledError:
+            if _cancelled_under_us():
+                raise self._closed_under_us() from None
+            raise
         finally:
             call.cancel()  # a no-op once the call ended; on our cancellation, tells the worker to abort
         try:
@@ -132,6 +148,10 @@ class GrpcWorkerClient:
                                     code="DEADLINE_EXCEEDED") from None
         except grpc.aio.AioRpcError as e:
             raise self._error(e, started) from None
+        except asyncio.CancelledError:
+            if _cancelled_under_us():
+                raise self._closed_under_us(started) from None
+            raise
 
     async def abort(self, request_id: str) -> None:
         await self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id))

@@ -36,6 +36,7 @@ import torch
 from .executor.kv_transfer import (CacheBlockIO, ExportedPrefix, KVGeometry, KVLink, KVSink, KVSource,
                                    KVTransferError, LinkStore, backend_for, pipeline)
 from .aio import in_thread
+from .disagg_config import DisaggConfig  # noqa: F401  (re-exported: the workers' import path)
 from .protocol import GenerateRequest
 from .rpc import worker_pb2 as pb
 from .rpc import worker_pb2_grpc as pb_grpc
@@ -47,33 +48,6 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-@dataclass(frozen=True)
-class DisaggConfig:
-    """Knobs of both sides; validated on construction."""
-
-    export_ttl_s: float = 30.0  # how long a prefilled prompt stays pinned waiting for its pull
-    # Limits of one link operation (open, send, receive) and of one control call to the prefill
-    # worker: a whole pull stays well inside the router's first-token deadline (60 s by default).
-    link_timeout_s: float = 15.0
-    rpc_timeout_s: float = 5.0
-    max_links_per_peer: int = 2  # decode side: concurrent transfers from one prefill worker
-    max_links: int = 64  # prefill side: links it keeps open (the least recently used idle one goes)
-    link_idle_s: float = 300.0  # a link unused this long is closed (a peer that left)
-    # Transfers move in chunks of this many layers, received straight into the decode cache, so
-    # gather, wire and scatter overlap (when each side's cache is in one process); 0: one tensor.
-    layers_per_chunk: int = 4
-
-    def __post_init__(self) -> None:
-        for name in ("export_ttl_s", "link_timeout_s", "rpc_timeout_s", "link_idle_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"DisaggConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_links_per_peer", "max_links"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DisaggConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.layers_per_chunk < 0:
-            raise ValueError(f"DisaggConfig.layers_per_chunk must be >= 0, got {self.layers_per_chunk}")
 
 
 def geometry_to_pb(g: KVGeometry) -> pb.KVGeometry:

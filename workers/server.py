@@ -21,6 +21,7 @@ import grpc
 
 from shoal.cluster.cli import add_engine_args, engine_kwargs
 from shoal.workers.async_engine import AsyncEngine
+from shoal.workers.disagg_config import DisaggConfig, add_kv_transfer_args, kv_transfer_options
 from shoal.workers.rpc import codec
 from shoal.workers.rpc import worker_pb2 as pb
 from shoal.workers.rpc import worker_pb2_grpc as pb_grpc
@@ -265,7 +266,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", default="unified", choices=["unified", "prefill", "decode"])
     p.add_argument("--grace-s", type=float, default=5.0, help="on SIGTERM, how long in-flight requests may run")
     add_engine_args(p)
+    add_kv_transfer_args(p)
     return p
+
+
+def build_engine(model: str, engine_options: dict, *, worker_id: str, role: str,
+                 kv_transfer: dict | None = None) -> AsyncEngine:
+    """A started engine for a worker (this server's ``main`` and the Ray ``WorkerActor`` alike). KV
+    events are always on: the routers' prefix index subscribes to them. ``kv_transfer``: DisaggConfig
+    fields; the others keep their defaults."""
+    from shoal.workers.config import EngineConfig
+    from shoal.workers.llm_engine import LLMEngine
+
+    llm = LLMEngine(EngineConfig(model=model, **{**engine_options, "kv_events": True}))
+    disagg = DisaggConfig(**(kv_transfer or {}))
+    return AsyncEngine(llm, worker_id=worker_id, role=role, disagg=disagg).start()
+
+
+def engine_from_args(args: argparse.Namespace) -> AsyncEngine:
+    """The engine :func:`main` serves, from its parsed flags."""
+    return build_engine(args.model, engine_kwargs(args), worker_id=args.worker_id or f"worker-{args.port}",
+                        role=args.role, kv_transfer=kv_transfer_options(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,11 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _interrupt)
     engine = None
     try:
-        from shoal.workers.config import EngineConfig
-        from shoal.workers.llm_engine import LLMEngine
-
-        llm = LLMEngine(EngineConfig(model=args.model, **engine_kwargs(args), kv_events=True))
-        engine = AsyncEngine(llm, worker_id=args.worker_id or f"worker-{args.port}", role=args.role).start()
+        engine = engine_from_args(args)
         asyncio.run(serve(engine, args.host, args.port, args.grace_s))
     except ValueError as e:  # bad configuration: one clear line, not a traceback
         print(f"shoal worker: error: {e}", file=sys.stderr)

@@ -90,8 +90,10 @@ def ray_head(tmp_path_factory):
     base = short_tmpdir("rj")  # short: Ray's socket paths under it must fit in 107 bytes
     temp = base / "ray"
     temp.mkdir()
+    # RAY_AUTH_MODE: once any local ray.init() has written ~/.ray/auth_token, Ray 2.60's `ray start`
+    # turns token auth on and `ray job submit` is refused: the test must not depend on that file.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_TMPDIR": str(base), "HF_HUB_OFFLINE": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+           "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(base), "HF_HUB_OFFLINE": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     dashboard = free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--temp-dir", str(temp), "--node-ip-address", "127.0.0.1",
            "--port", str(free_port()), "--dashboard-port", str(dashboard), "--dashboard-host", "127.0.0.1",

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from shoal.cluster.spec import (DeploymentSpec, EtcdSpec, PoolAutoscaling, PoolSpec, Resources, RouterSpec,
-                                SpecError, engine_fields, load_spec, parse_memory)
+                                SpecError, check_kv_transfer, engine_fields, kv_transfer_fields, load_spec,
+                                parse_memory)
 from shoal.workers.config import EngineConfig
+from shoal.workers.disagg import DisaggConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "deploy.yaml"
 
@@ -108,6 +110,23 @@ BAD = [
     (_set("autoscaling.decode.metric", "qps"), "autoscaling.decode.metric must be one of ['kv_usage'"),
     (_set("autoscaling.decode.target", 1.5), "autoscaling.decode.target must be in (0, 1] for metric kv_usage"),
     (_set("autoscaling.unified", {"max_replicas": 2}), "autoscaling.unified names no pool"),
+    (_set("pools.prefill.kv_transfer.foo", 1), "pools.prefill.kv_transfer.foo is not a kv_transfer (DisaggConfig) "
+                                               "field; known: export_ttl_s, link_timeout_s"),
+    (_set("pools.prefill.kv_transfer.export_ttl", 5), "pools.prefill.kv_transfer.export_ttl is not a kv_transfer "
+                                                      "(DisaggConfig) field (did you mean 'export_ttl_s'?)"),
+    (_set("pools.prefill.kv_transfer.export_ttl_s", 0), "pools.prefill.kv_transfer.export_ttl_s must be > 0, got 0"),
+    (_set("pools.decode.kv_transfer.link_timeout_s", -1.5),
+     "pools.decode.kv_transfer.link_timeout_s must be > 0, got -1.5"),
+    (_set("pools.decode.kv_transfer.max_links_per_peer", 0),
+     "pools.decode.kv_transfer.max_links_per_peer must be >= 1, got 0"),
+    (_set("pools.decode.kv_transfer.layers_per_chunk", -1), "pools.decode.kv_transfer.layers_per_chunk must be >= 0"),
+    (_set("pools.prefill.kv_transfer.max_links", 1.5),
+     "pools.prefill.kv_transfer.max_links must be an integer, got 1.5"),
+    (_set("pools.prefill.kv_transfer.link_idle_s", "5m"),
+     "pools.prefill.kv_transfer.link_idle_s must be a number, got '5m'"),
+    (_set("pools.prefill.kv_transfer.rpc_timeout_s", True),
+     "pools.prefill.kv_transfer.rpc_timeout_s must be a number, got True"),
+    (_set("pools.decode.kv_transfer", [1]), "pools.decode.kv_transfer must be a mapping, got list"),
 ]
 
 
@@ -133,6 +152,48 @@ def test_direct_construction_validates_and_is_frozen():
         pool.engine["block_size"] = 8  # the engine options are read-only too
     with pytest.raises(SpecError, match="pools.unified must be a PoolSpec"):
         DeploymentSpec(name="x", model="m", pools={"unified": {"replicas": 1}})
+
+
+KV = {"export_ttl_s": 12.5, "link_timeout_s": 4, "layers_per_chunk": 0}
+
+
+def test_kv_transfer_round_trips_and_builds_the_real_disagg_config(example, tmp_path):
+    data = copy.deepcopy(example.to_dict())
+    data["pools"]["prefill"]["kv_transfer"] = dict(KV)
+    data["pools"]["decode"]["kv_transfer"] = {"max_links_per_peer": 4}
+    spec = DeploymentSpec.from_dict(data)
+    assert spec.pools["prefill"].kv_transfer == KV and spec.pools["decode"].kv_transfer == {"max_links_per_peer": 4}
+    assert spec.pools["prefill"].to_dict()["kv_transfer"] == KV
+    assert DeploymentSpec.from_dict(spec.to_dict()) == spec
+    assert DeploymentSpec.from_json(spec.to_json()) == spec
+    import yaml
+
+    path = tmp_path / "pd.yaml"
+    path.write_text(yaml.safe_dump(spec.to_dict()))
+    assert load_spec(path) == spec
+    assert spec.pools["prefill"].disagg_config() == DisaggConfig(export_ttl_s=12.5, link_timeout_s=4,
+                                                                  layers_per_chunk=0)
+    unset = copy.deepcopy(example.to_dict())
+    del unset["pools"]["decode"]["kv_transfer"]
+    decode = DeploymentSpec.from_dict(unset).pools["decode"]
+    assert decode.kv_transfer == {} and decode.disagg_config() == DisaggConfig()
+    with pytest.raises(TypeError):
+        spec.pools["prefill"].kv_transfer["export_ttl_s"] = 1.0  # read-only, like engine
+
+
+def test_kv_transfer_checks_are_disagg_configs_own():
+    """The spec checks kv_transfer with DisaggConfig itself: its fields, its defaults, its words,
+    with the field's path in front."""
+    assert dict(kv_transfer_fields()) == {f.name: f.default for f in dataclasses.fields(DisaggConfig)}
+    for name, default in kv_transfer_fields().items():
+        bad = -1 if isinstance(default, int) else -0.5
+        with pytest.raises(ValueError) as real:
+            DisaggConfig(**{name: bad})
+        with pytest.raises(SpecError) as ours:
+            check_kv_transfer({name: bad})
+        assert ours.value.path == f"kv_transfer.{name}"
+        assert str(real.value) == f"DisaggConfig.{name} {ours.value.message}"
+    assert check_kv_transfer({"max_links": 1, "link_idle_s": 0.5}) == {"max_links": 1, "link_idle_s": 0.5}
 
 
 def test_memory_quantities():

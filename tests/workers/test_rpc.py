@@ -218,6 +218,40 @@ def test_cancelling_the_stream_aborts_on_the_worker(aengine):
     aengine.engine.kv_cache.check_no_leak()
 
 
+def test_a_client_closed_mid_stream_fails_the_stream_instead_of_cancelling_it(aengine):
+    """The router closes a worker's client when the worker leaves etcd membership (a hang restart,
+    a drain). A stream still reading from it must end as a worker failure the router answers its
+    client with, not as a CancelledError the router would take for its own cancellation."""
+    sched = aengine.engine.scheduler
+
+    async def read_all(stream) -> None:
+        async for _ in stream:
+            pass
+
+    async def main():
+        async with serving(aengine) as client:
+            stream = client.generate(GenerateRequest("orphan", tuple(range(3, 40)), greedy(400)))
+            assert (await stream.__anext__()).finish_reason is None
+            reader = asyncio.ensure_future(read_all(stream))
+            await asyncio.sleep(0.05)  # mid-stream: 400 tokens take longer
+            await client.close()
+            with pytest.raises(WorkerUnavailable) as err:
+                await reader
+            assert err.value.started and err.value.code == "UNAVAILABLE"
+            await wait_until(lambda: "orphan" not in sched.requests, 2.0, "abort on the worker")
+            # A task that is itself cancelled still sees its cancellation.
+            reader = asyncio.ensure_future(read_all(client.generate(
+                GenerateRequest("cancelled", tuple(range(3, 40)), greedy(400)))))
+            await asyncio.sleep(0.05)
+            reader.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+            await wait_until(lambda: "cancelled" not in sched.requests, 2.0, "abort on the worker")
+
+    asyncio.run(main())
+    aengine.engine.kv_cache.check_no_leak()
+
+
 def test_rpcs_answer_while_the_engine_steps(aengine):
     async def main():
         async with serving(aengine) as client:
