@@ -63,10 +63,14 @@ def _norm_prefix(prefix: str) -> str:
     return prefix
 
 
-def workers_prefix(deployment: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """Ends in '/', so deployment ``a`` never matches ``ab``'s workers."""
+def _members_prefix(deployment: str, kind: str, prefix: str) -> str:
+    """``<prefix>/<deployment>/<kind>/``: ends in '/', so deployment ``a`` never matches ``ab``'s."""
     _check_segment("deployment", deployment)
-    return f"{_norm_prefix(prefix)}/{deployment}/workers/"
+    return f"{_norm_prefix(prefix)}/{deployment}/{kind}/"
+
+
+def workers_prefix(deployment: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return _members_prefix(deployment, "workers", prefix)
 
 
 def worker_key(deployment: str, worker_id: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -75,9 +79,7 @@ def worker_key(deployment: str, worker_id: str, prefix: str = DEFAULT_PREFIX) ->
 
 
 def routers_prefix(deployment: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """Ends in '/', like :func:`workers_prefix`."""
-    _check_segment("deployment", deployment)
-    return f"{_norm_prefix(prefix)}/{deployment}/routers/"
+    return _members_prefix(deployment, "routers", prefix)
 
 
 def router_key(deployment: str, router_id: str, prefix: str = DEFAULT_PREFIX) -> str:

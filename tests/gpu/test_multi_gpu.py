@@ -46,16 +46,15 @@ def test_tp2_over_nccl_matches_tp1(request, tiny_checkpoints, arch, cuda_graphs)
 def test_kv_blocks_move_between_gpus_over_nccl(tiny_checkpoints):
     """Prefill on cuda:0, decode on cuda:1, blocks over an NCCL KVLink: the unified tokens."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "workers"))
-    from test_disagg import Worker, disaggregated, prompt_of, unified_tokens
+    from test_disagg import Worker, disaggregated, prompt_of, served, unified_tokens
 
     path, _ = tiny_checkpoints["llama"]
     prompts = [prompt_of(70, seed=1), prompt_of(200, seed=2)]
 
     async def main():
         expected = await unified_tokens(path, prompts, device="cuda:0")
-        p = await Worker(path, "p", "prefill", device="cuda:0").serve()
-        d = await Worker(path, "d", "decode", device="cuda:1").serve()
-        try:
+        async with served(Worker(path, "p", "prefill", device="cuda:0"),
+                          Worker(path, "d", "decode", device="cuda:1")) as (p, d):
             assert d.engine.kv_device == torch.device("cuda", 1)
             for i, prompt in enumerate(prompts):
                 tokens, cached, _ = await disaggregated(p, d, f"g{i}", prompt)
@@ -64,8 +63,5 @@ def test_kv_blocks_move_between_gpus_over_nccl(tiny_checkpoints):
             assert d.engine.decode_side.num_received_blocks == 4 + 12
             await p.check_no_leak()
             await d.check_no_leak()
-        finally:
-            await p.stop()
-            await d.stop()
 
     asyncio.run(main())

@@ -9,6 +9,7 @@ decode side with the same tokens; no KV block leaks on either side.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 import grpc
@@ -75,12 +76,22 @@ class Worker:
         self.engine.shutdown()
 
 
-async def unified_tokens(model: str, prompts, **engine) -> list[list[int]]:
+@contextlib.asynccontextmanager
+async def served(*workers: Worker):
+    """The workers served over gRPC; every one is stopped on the way out, however the block ends."""
+    try:
+        yield [await w.serve() for w in workers]
+    finally:
+        for w in workers:
+            await w.stop()
+
+
+async def unified_tokens(model: str, prompts, params: SamplingParams = GREEDY, **engine) -> list[list[int]]:
     ref = AsyncEngine(LLMEngine(EngineConfig(model=model, **{**ENGINE, **engine})), "u").start()
     try:
         out = []
         for i, p in enumerate(prompts):
-            out.append([t async for d in ref.generate(GenerateRequest(f"u{i}", p, GREEDY)) for t in d.token_ids])
+            out.append([t async for d in ref.generate(GenerateRequest(f"u{i}", p, params)) for t in d.token_ids])
         return out
     finally:
         ref.shutdown()
@@ -102,9 +113,8 @@ def test_disaggregated_tokens_equal_unified_with_partial_hits(tiny_checkpoints, 
 
     async def main():
         expected = await unified_tokens(model, prompts)
-        p = await Worker(model, "p", "prefill").serve()
-        d = await Worker(model, "d", "decode", disagg=DisaggConfig(layers_per_chunk=chunks)).serve()
-        try:
+        async with served(Worker(model, "p", "prefill"),
+                          Worker(model, "d", "decode", disagg=DisaggConfig(layers_per_chunk=chunks))) as (p, d):
             # The decode worker already holds the first two blocks of prompts[1]: only the rest travels.
             await d.generate(GenerateRequest("warm", shared + prompt_of(5, seed=9), GREEDY))
             got = []
@@ -124,9 +134,6 @@ def test_disaggregated_tokens_equal_unified_with_partial_hits(tiny_checkpoints, 
             assert d.engine.decode_side.num_pipelined == (2 if chunks else 0)  # the two pulls that moved data
             await p.check_no_leak()
             await d.check_no_leak()
-        finally:
-            await p.stop()
-            await d.stop()
 
     asyncio.run(main())
 
@@ -141,16 +148,12 @@ def test_smollm2_disaggregated_equals_unified(prefill_tp, decode_tp):
     async def main():
         engine = dict(max_model_len=512)
         expected = await unified_tokens("smollm2-135m", [prompt], **engine)
-        p = await Worker("smollm2-135m", "p", "prefill", tensor_parallel_size=prefill_tp, **engine).serve()
-        d = await Worker("smollm2-135m", "d", "decode", tensor_parallel_size=decode_tp, **engine).serve()
-        try:
+        async with served(Worker("smollm2-135m", "p", "prefill", tensor_parallel_size=prefill_tp, **engine),
+                          Worker("smollm2-135m", "d", "decode", tensor_parallel_size=decode_tp, **engine)) as (p, d):
             tokens, cached, _ = await disaggregated(p, d, "s", prompt)
             assert [tokens] == expected and cached == 48
             await p.check_no_leak()
             await d.check_no_leak()
-        finally:
-            await p.stop()
-            await d.stop()
 
     asyncio.run(main())
 
@@ -162,9 +165,8 @@ def test_prefill_tp1_to_decode_tp2(tiny_checkpoints):
 
     async def main():
         expected = await unified_tokens(model, prompts)
-        p = await Worker(model, "p", "prefill").serve()
-        d = await Worker(model, "d", "decode", tensor_parallel_size=2).serve()
-        try:
+        async with served(Worker(model, "p", "prefill"),
+                          Worker(model, "d", "decode", tensor_parallel_size=2)) as (p, d):
             for i, prompt in enumerate(prompts):
                 tokens, cached, _ = await disaggregated(p, d, f"t{i}", prompt)
                 assert tokens == expected[i]
@@ -172,9 +174,6 @@ def test_prefill_tp1_to_decode_tp2(tiny_checkpoints):
             assert d.engine.decode_side.num_received_blocks == 4 + 3
             await p.check_no_leak()
             await d.check_no_leak()
-        finally:
-            await p.stop()
-            await d.stop()
 
     asyncio.run(main())
 
@@ -187,9 +186,9 @@ def test_failures_fall_back_to_a_local_prefill(tiny_checkpoints):
 
     async def main():
         [expected] = await unified_tokens(model, [prompt])
-        p = await Worker(model, "p", "prefill", disagg=DisaggConfig(export_ttl_s=0.3)).serve()
-        d = await Worker(model, "d", "decode", disagg=DisaggConfig(link_timeout_s=3, rpc_timeout_s=3)).serve()
-        try:
+        impatient = DisaggConfig(link_timeout_s=3, rpc_timeout_s=3)
+        async with served(Worker(model, "p", "prefill", disagg=DisaggConfig(export_ttl_s=0.3)),
+                          Worker(model, "d", "decode", disagg=impatient)) as (p, d):
             # 1. A handle the prefill worker never issued.
             bogus = KVHandle("nope", "p", (0, 1), 32, p.engine.endpoint)
             tokens, cached = await d.generate(GenerateRequest("a", prompt, GREEDY, kv_source=bogus))
@@ -213,9 +212,6 @@ def test_failures_fall_back_to_a_local_prefill(tiny_checkpoints):
             assert tokens == expected and d.engine.num_kv_fallbacks == 3
             assert d.engine.load().num_kv_fallbacks == 3
             await d.check_no_leak()
-        finally:
-            await p.stop()
-            await d.stop()
 
     asyncio.run(main())
 
@@ -252,17 +248,12 @@ def test_geometry_mismatch_is_refused(tiny_checkpoints):
     model = tiny_checkpoints["llama"][0]
 
     async def main():
-        p = await Worker(model, "p", "prefill").serve()
-        d = await Worker(model, "d", "decode", block_size=32).serve()
-        try:
+        async with served(Worker(model, "p", "prefill"), Worker(model, "d", "decode", block_size=32)) as (p, d):
             prompt = prompt_of(40, seed=3)
             handle = await p.prefill(GenerateRequest("g", prompt, GREEDY))
             await d.generate(GenerateRequest("g", prompt, GREEDY, kv_source=handle))
             assert d.engine.num_kv_fallbacks == 1 and d.engine.decode_side.num_received_blocks == 0
             await d.check_no_leak()
-        finally:
-            await p.stop()
-            await d.stop()
 
     asyncio.run(main())
 
@@ -310,18 +301,10 @@ def test_seeded_sampling_equals_unified(tiny_checkpoints):
     prompt = prompt_of(70, seed=11)
 
     async def main():
-        ref = AsyncEngine(LLMEngine(EngineConfig(model=model, **ENGINE)), "u").start()
-        try:
-            expected = [t async for d in ref.generate(GenerateRequest("u", prompt, seeded)) for t in d.token_ids]
-        finally:
-            ref.shutdown()
-        p, d = await Worker(model, "p", "prefill").serve(), await Worker(model, "d", "decode").serve()
-        try:
+        [expected] = await unified_tokens(model, [prompt], seeded)
+        async with served(Worker(model, "p", "prefill"), Worker(model, "d", "decode")) as (p, d):
             handle = await p.prefill(GenerateRequest("s", prompt, seeded))
             tokens, cached = await d.generate(GenerateRequest("s", prompt, seeded, kv_source=handle))
             assert tokens == expected and cached == 64 and d.engine.num_kv_fallbacks == 0
-        finally:
-            await p.stop()
-            await d.stop()
 
     asyncio.run(main())
