@@ -156,7 +156,9 @@ def _killed_router_comes_back(loop, launch, client, spec) -> None:
     old_actor, old_url = replica.actor, replica.url
     ray.kill(old_actor, no_restart=True)
     ids = lambda: [r.router_id for r in loop.run(list_routers(client, NAME))]  # noqa: E731
-    took = wait_until(lambda: ids() == ["router-0-0", "router-1-1"], 30, "the monitor replaces the router actor")
+    # The new actor registers in etcd a moment before its start() returns and the launcher notes its URL.
+    took = wait_until(lambda: ids() == ["router-0-0", "router-1-1"] and replica.url is not None, 30,
+                      "the monitor replaces the router actor")
     print(f"router actor replaced {took:.1f} s after the kill")
     assert replica.restarts == 1 and replica.url and replica.actor is not old_actor
     with pytest.raises(httpx.HTTPError):
