@@ -6,7 +6,7 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from shoal.workers.disagg_config import add_kv_transfer_args
+from .flags import add_engine_args, add_kv_transfer_args, add_router_args, engine_kwargs
 
 
 def _version() -> str:
@@ -14,49 +14,6 @@ def _version() -> str:
         return version("shoal")
     except PackageNotFoundError:
         return "unknown"
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default="smollm2-135m",
-                   help="HF checkpoint dir, .gguf file, alias 'smollm2-135m', or a shape preset "
-                        "(llama-3.1-8b, qwen2.5-0.5b, ...) with --load-format dummy (default: %(default)s)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer path if not the model's own")
-    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="CPU KV cache size")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--seed", type=int, default=0, help="seed of dummy weights and unseeded sampling")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="ranks one engine is split over (processes on this machine; gloo on CPU, NCCL on GPU)")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(tokenizer=args.tokenizer, load_format=args.load_format, dtype=args.dtype,
-                device=args.device, max_model_len=args.max_model_len, block_size=args.block_size,
-                enable_prefix_caching=args.enable_prefix_caching, num_kv_blocks=args.num_kv_blocks,
-                kv_cache_memory_gb=args.kv_cache_memory_gb,
-                gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
-                tensor_parallel_size=args.tensor_parallel_size)
-
-
-def engine_flags(args: argparse.Namespace) -> list[str]:
-    """The engine options of ``args`` as command-line flags again (for worker processes)."""
-    flags = ["--model", args.model]
-    for key, value in engine_kwargs(args).items():
-        if key == "enable_prefix_caching":
-            flags += [] if value else ["--no-prefix-caching"]
-        elif value is not None:
-            flags += [f"--{key.replace('_', '-')}", str(value)]
-    return flags
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -130,17 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--prefill-workers", type=int, default=0,
                      help="disaggregated serving: this many prefill workers hand prompts' KV blocks to the "
                           "--workers decode workers (default: %(default)s: none, unified workers)")
-    srv.add_argument("--disagg-min-prefill-tokens", type=int, default=512,
-                     help="with prefill workers: a prompt whose part uncached on its decode worker is shorter "
-                          "goes straight to decode (default: %(default)s)")
-    srv.add_argument("--policy", default="prefix_aware",
-                     help="placement: prefix_aware, least_load, round_robin, session (default: %(default)s)")
-    srv.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
-    srv.add_argument("--max-concurrent-requests", type=int, default=256)
-    srv.add_argument("--max-waiting-requests", type=int, default=1024)
     srv.add_argument("--worker-start-timeout", type=float, default=600.0, help="seconds a worker may take to load")
+    srv.add_argument("--hang-timeout", type=float, default=60.0,
+                     help="a worker that answers no health check for this many seconds is killed and restarted; "
+                          "0: never (default: %(default)s)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="on SIGTERM / Ctrl-C, seconds in-flight requests may take to finish before they are "
+                          "ended with an error (default: %(default)s)")
     add_engine_args(srv)
-    add_kv_transfer_args(srv)  # --kv-export-ttl, --kv-link-timeout, --kv-layers-per-chunk: the workers' own flags
+    add_kv_transfer_args(srv)  # the workers' own --kv-* flags
+    add_router_args(srv)
     srv.set_defaults(func=cmd_serve)
 
     lch = sub.add_parser(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -24,6 +23,7 @@ import tempfile
 import time
 
 from shoal.cluster.etcd import EmbeddedEtcd
+from shoal.cluster.etcd_router import EtcdRouter
 from shoal.cluster.spec import DeploymentSpec, EtcdSpec, load_spec
 
 log = logging.getLogger(__name__)
@@ -31,132 +31,6 @@ log = logging.getLogger(__name__)
 
 def _say(message: str) -> None:
     print(f"shoal launch: {message}", flush=True)
-
-
-# -- the router, fed by etcd ----------------------------------------------------------------------
-
-class EtcdRouter:
-    """The OpenAI router on uvicorn in this process's event loop; its pool follows etcd membership.
-
-    A ``MembershipWatcher`` adds a ``GrpcWorkerClient`` for each registered worker and removes it when
-    the key goes (drained, lease expired or revoked). The pool's health polls cover the gap between
-    a worker dying and its key going: a failed poll takes it out of placement at once.
-
-    With a ``router_id`` it also registers itself under ``routers/<router_id>`` (a lease of
-    ``lease_ttl_s``) once it serves, and deregisters first thing at :meth:`stop`. ``advertise_host``
-    is the host its URL names when it binds a wildcard address (the node's IP).
-    """
-
-    def __init__(self, spec: DeploymentSpec, client, *, host: str = "0.0.0.0", port: int | None = None,
-                 health_interval_s: float = 1.0, tokenizer: str | None = None, router_id: str | None = None,
-                 lease_ttl_s: int = 10, advertise_host: str | None = None, meta: dict | None = None) -> None:
-        self.spec, self.client = spec, client
-        self.host = host
-        self.port = spec.router.port if port is None else port
-        self.health_interval_s = health_interval_s
-        self.tokenizer = tokenizer
-        self.router_id, self.lease_ttl_s, self.meta = router_id, lease_ttl_s, dict(meta or {})
-        self.advertise_host = advertise_host
-        self.pool = None
-        self.watcher = None
-        self.registration = None  # RouterRegistration, with a router_id
-        self._server = None
-        self._task: asyncio.Task | None = None
-        self.bound: tuple[str, int] | None = None
-
-    @property
-    def url(self) -> str | None:
-        """``http://host:port`` as clients reach it (the OpenAI API is under ``/v1``); None before start."""
-        if self.bound is None:
-            return None
-        host = self.host
-        if host in ("0.0.0.0", "::", ""):
-            host = self.advertise_host or host
-        return f"http://[{host}]:{self.bound[1]}" if ":" in host else f"http://{host}:{self.bound[1]}"
-
-    @property
-    def serving(self) -> bool:
-        """uvicorn runs and, with a router_id, the registration's keep-alive does."""
-        server, task = self._server, self._task
-        up = server is not None and task is not None and not task.done() and server.started
-        return up and (self.registration is None or self.registration.alive)
-
-    def _tokenizer(self):
-        from shoal.workers.models.loader import tokenizer_path
-        from shoal.workers.tokenizer import Tokenizer
-
-        engine = next(iter(self.spec.pools.values())).engine
-        path = self.tokenizer or engine.get("tokenizer") or tokenizer_path(self.spec.model)
-        if path is None:
-            raise ValueError(f"model {self.spec.model!r} has no tokenizer the router can load; "
-                             "set pools.<role>.engine.tokenizer in the spec")
-        return Tokenizer.from_path(path)
-
-    async def start(self) -> int:
-        """Listen, then follow membership; -> the bound port."""
-        import uvicorn
-
-        from shoal.cluster.registry import MembershipWatcher
-        from shoal.cluster.serve import bind_socket
-        from shoal.router.app import create_app
-        from shoal.router.config import RouterConfig
-        from shoal.router.worker_client import GrpcWorkerClient
-        from shoal.router.worker_pool import make_pool
-
-        router = self.spec.router
-        options = dict(router.policy_options)
-        if router.policy == "prefix_aware":
-            options.setdefault("block_size", self.spec.block_size)
-        config = RouterConfig(placement=router.policy, placement_options=options,
-                              health_interval_s=self.health_interval_s,
-                              disagg_min_prefill_tokens=router.disagg_min_prefill_tokens)
-        self.pool = make_pool(config)
-        app = create_app(config, self.pool, await asyncio.to_thread(self._tokenizer))
-        sock = bind_socket(self.host, self.port)
-        self.bound = sock.getsockname()[:2]
-
-        class _Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self):  # the launcher owns SIGTERM / SIGINT
-                yield
-
-        self._server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()  # raises uvicorn's error
-                raise RuntimeError("the router exited at start")
-            await asyncio.sleep(0.02)
-
-        def on_add(record):  # the pool learns each worker's role (unified / prefill / decode) from it
-            self.pool.add(GrpcWorkerClient(record.worker_id, record.endpoint))
-
-        async def on_remove(worker_id):
-            await self.pool.remove_worker(worker_id)
-
-        self.watcher = await MembershipWatcher(self.client, self.spec.name, prefix=self.spec.etcd.prefix,
-                                               on_add=on_add, on_remove=on_remove).start()
-        if self.router_id is not None:
-            from shoal.cluster.registry import RouterRegistration
-
-            self.registration = await RouterRegistration(
-                self.client, self.spec.name, self.router_id, self.url, ttl_s=self.lease_ttl_s,
-                prefix=self.spec.etcd.prefix, meta={"pid": os.getpid(), **self.meta}).start()
-        return self.bound[1]
-
-    async def stop(self) -> None:
-        """Deregister (a balancer reading etcd stops sending here), stop following etcd, then let
-        uvicorn finish in-flight requests. Safe after a partial start and twice."""
-        registration, self.registration = self.registration, None
-        if registration is not None:
-            await registration.deregister()
-        watcher, self.watcher = self.watcher, None
-        if watcher is not None:
-            await watcher.stop()
-        server, self._server = self._server, None
-        if server is not None:
-            server.should_exit = True
-            await asyncio.gather(self._task, return_exceptions=True)  # the lifespan closes the pool
 
 
 # -- etcd -----------------------------------------------------------------------------------------

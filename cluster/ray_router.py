@@ -1,6 +1,6 @@
 """Router replicas 1..N-1 of a deployment as Ray actors (replica 0 runs in ``shoal launch`` itself).
 
-Every router is the same :class:`~shoal.cluster.launch.EtcdRouter`: it reads the deployment's spec
+Every router is the same :class:`~shoal.cluster.etcd_router.EtcdRouter`: it reads the deployment's spec
 from etcd, follows the same worker membership there, and registers itself under
 ``<prefix>/<deployment>/routers/<router_id>`` with a lease. Routers share no state: each one's
 placement view (prefix index, loads) is rebuilt from the workers' KV events and load reports, so a
@@ -57,7 +57,7 @@ class RouterActor:
         self._router = None  # EtcdRouter
 
     async def start(self) -> dict:
-        from shoal.cluster.launch import EtcdRouter
+        from shoal.cluster.etcd_router import EtcdRouter
         from shoal.cluster.registry import connect, get_spec
 
         if self._router is not None:

@@ -59,7 +59,7 @@ class WorkerActor:
         import ray
 
         from shoal.cluster.registry import WorkerRegistration, connect
-        from shoal.workers.server import WorkerServicer, start_worker_server
+        from shoal.workers.rpc.servicer import WorkerServicer, start_worker_server
 
         if self._endpoint is not None:
             return self._endpoint

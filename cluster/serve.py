@@ -1,37 +1,39 @@
 """``shoal serve``: an OpenAI-compatible router in front of N engine worker processes, on one machine.
 
 The workers are ``python -m shoal.workers.server`` children speaking gRPC on 127.0.0.1 (the cluster
-path runs the same server in Ray actors); the router runs in this process under uvicorn. Ctrl-C or
-SIGTERM stops the router first (in-flight requests end), then the workers. Every worker gets the ``--kv-*`` settings (only prefill and decode
-workers use them).
+path runs the same server in Ray actors); the router is a :class:`~shoal.router.host.RouterHost` in
+this process. The order of things:
+
+1. check the arguments and the model, bind the router's port (a taken port fails here, before any
+   model loads), load the tokenizer;
+2. start the workers and wait until each is ready (in parallel);
+3. start the router host: it listens, starts the app and returns once a worker is healthy; only then
+   the ``ready on http://…/v1`` line is printed (and ``/ready`` answers 200);
+4. serve: a :class:`~shoal.cluster.supervisor.WorkerSupervisor` restarts a worker process that dies;
+5. on SIGTERM / Ctrl-C: drain (``/ready`` 503, new requests 503, in-flight ones get
+   ``--drain-timeout`` seconds, the rest end with an error event), then stop the workers; exit 0.
+   A second Ctrl-C skips the wait.
+
+Every worker gets the ``--kv-*`` settings (only prefill and decode workers use them).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import asyncio
 import os
 import signal
-import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from .cli import engine_flags
-from shoal.workers.disagg_config import kv_transfer_flags, kv_transfer_options
+from shoal.router.host import RouterHost, StartupError, bind_socket
+from shoal.workers.models.files import check_model, tokenizer_path
 
+from .flags import router_config, worker_flags
+from .supervisor import WorkerSupervisor
 from .worker_process import WorkerProcess, WorkerStartError
 
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind the router's socket here, so ``--port 0`` works and the printed URL is the real one."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP, not 0: asyncio turns TCP_NODELAY on only for such sockets, and without it a stream's
-    # first chunk waits ~40 ms for the client's delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
+__all__ = ["bind_socket", "make_workers", "serve", "worker_roles"]
 
 
 def worker_roles(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -45,16 +47,27 @@ def worker_roles(args: argparse.Namespace) -> list[tuple[str, str]]:
             + [(f"decode-{i}", "decode") for i in range(args.workers)])
 
 
+def _visible_gpus(args: argparse.Namespace) -> list[str]:
+    """The GPU ids this process may hand out; refuses ``--device cuda`` where there is none."""
+    if args.device == "cpu":
+        return []
+    import torch  # the workers need it anyway; the router side of this process does not
+
+    if not torch.cuda.is_available():
+        if args.device == "auto":
+            return []
+        raise ValueError(f"--device {args.device}: no CUDA device is available on this machine")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+
+
 def gpu_assignment(args: argparse.Namespace, num_workers: int) -> list[dict[str, str]]:
     """Per worker, the environment that gives it GPUs of its own when there are enough
     (``tensor_parallel_size`` each, in order); otherwise nothing (they share what they see)."""
+    ids = _visible_gpus(args)
     if args.device not in ("auto", "cuda"):
         return [{}] * num_workers  # cpu, or an explicit cuda:N for all of them
-    import torch
-
     per = args.tensor_parallel_size
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
     if num_workers < 2 or len(ids) < num_workers * per:
         return [{}] * num_workers
     return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[i * per:(i + 1) * per])} for i in range(num_workers)]
@@ -62,23 +75,23 @@ def gpu_assignment(args: argparse.Namespace, num_workers: int) -> list[dict[str,
 
 def make_workers(args: argparse.Namespace) -> list[WorkerProcess]:
     """The worker processes ``args`` asks for, not started yet."""
-    flags = engine_flags(args) + kv_transfer_flags(kv_transfer_options(args))
+    flags = worker_flags(args)
     roles = worker_roles(args)
     envs = gpu_assignment(args, len(roles))
     return [WorkerProcess(wid, flags, role=role, env=env) for (wid, role), env in zip(roles, envs)]
 
 
-def start_workers(args: argparse.Namespace) -> list[WorkerProcess]:
-    workers = make_workers(args)
+def start_workers(workers: list[WorkerProcess], timeout_s: float) -> None:
+    """Start every worker and wait until all are ready (they load in parallel); on a failure stop them
+    all and raise the first :class:`WorkerStartError`."""
     for w in workers:
         w.start()
     try:
-        with ThreadPoolExecutor(len(workers)) as pool:  # load in parallel
-            list(pool.map(lambda w: w.wait_ready(args.worker_start_timeout), workers))
-    except WorkerStartError:
+        with ThreadPoolExecutor(len(workers)) as pool:
+            list(pool.map(lambda w: w.wait_ready(timeout_s), workers))
+    except BaseException:
         stop_workers(workers)
         raise
-    return workers
 
 
 def stop_workers(workers: list[WorkerProcess]) -> None:
@@ -86,71 +99,105 @@ def stop_workers(workers: list[WorkerProcess]) -> None:
         list(pool.map(lambda w: w.stop(), workers))
 
 
-def _count_roles(roles: list[tuple[str, str]]) -> dict[str, int]:
+def _roles_line(roles: list[tuple[str, str]]) -> str:
     counts: dict[str, int] = {}
     for _, role in roles:
         counts[role] = counts.get(role, 0) + 1
-    return counts
+    return ", ".join(f"{n} {r}" for r, n in counts.items())
 
 
-def _router_server(app):
-    import uvicorn
+def _router_config(args: argparse.Namespace):
+    """Generated from RouterConfig's declaration (cluster/flags.py); the API key may also come from
+    ``SHOAL_API_KEY``, so it need not show in the process list."""
+    return router_config(args, api_key=args.api_key or os.environ.get("SHOAL_API_KEY") or None)
 
-    class RouterServer(uvicorn.Server):
-        # uvicorn re-raises a captured SIGTERM after shutting down, which would kill this process
-        # before it stops the workers; serve() handles the signals itself instead.
-        @contextlib.contextmanager
-        def capture_signals(self):
-            yield
 
-    server = RouterServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
-
-    def on_signal(signum, frame):
-        if server.should_exit:  # a second Ctrl-C: stop waiting for in-flight requests
-            server.force_exit = True
-        server.should_exit = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    return server
+def _check(args: argparse.Namespace) -> str:
+    """Everything that can be refused before a process starts; -> the tokenizer path."""
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.hang_timeout < 0:
+        raise ValueError(f"--hang-timeout must be >= 0, got {args.hang_timeout}")
+    if args.drain_timeout < 0:
+        raise ValueError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    worker_flags(args)  # refuse a bad engine or --kv-* value
+    check_model(args.model)
+    tok_path = args.tokenizer or tokenizer_path(args.model)
+    if tok_path is None:
+        raise ValueError(f"--model {args.model} has no tokenizer of its own (a shape preset or a weights-only "
+                         "directory); pass --tokenizer PATH")
+    return str(tok_path)
 
 
 def serve(args: argparse.Namespace) -> int:
-    from shoal.router.app import create_app
-    from shoal.router.config import RouterConfig
-    from shoal.router.worker_client import GrpcWorkerClient
-    from shoal.router.worker_pool import make_pool
-    from shoal.workers.models.loader import tokenizer_path
     from shoal.workers.tokenizer import Tokenizer
 
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    kv_transfer_options(args)  # refuse a bad --kv-* value before anything starts
-    tok_path = args.tokenizer or tokenizer_path(args.model)
-    if tok_path is None:
-        raise ValueError(f"model {args.model!r} has no tokenizer; pass --tokenizer PATH")
-    tokenizer = Tokenizer.from_path(tok_path)
-    config = RouterConfig(
-        served_model_name=args.served_model_name or args.model, placement=args.policy,
-        placement_options={"block_size": args.block_size} if args.policy == "prefix_aware" else {},
-        max_concurrent_requests=args.max_concurrent_requests, max_waiting_requests=args.max_waiting_requests,
-        disagg_min_prefill_tokens=args.disagg_min_prefill_tokens)
-    sock = bind_socket(args.host, args.port)
-    roles = ", ".join(f"{n} {r}" for r, n in _count_roles(worker_roles(args)).items())
-    print(f"shoal serve: starting {roles} worker(s) for {args.model} ...", flush=True)
-    workers = start_workers(args)
+    tok_path = _check(args)
+    config = _router_config(args)
+    sock = bind_socket(args.host, args.port)  # a taken port fails now, before any model loads
     try:
-        pool = make_pool(config)
-        for w in workers:
-            pool.add(GrpcWorkerClient(w.worker_id, w.endpoint))
-        server = _router_server(create_app(config, pool, tokenizer))  # signal handlers from here on
-        host, port = sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        print(f"shoal serve: ready on http://{shown}:{port}/v1 (model {config.served_model_name!r}, "
-              f"{roles} worker(s), placement {args.policy})", flush=True)
-        server.run(sockets=[sock])
+        tokenizer = Tokenizer.from_path(tok_path)
+        workers = make_workers(args)
+        print(f"shoal serve: starting {_roles_line(worker_roles(args))} worker(s) for {args.model} ...", flush=True)
+        try:
+            start_workers(workers, args.worker_start_timeout)
+        except WorkerStartError as e:
+            raise StartupError(e.summary) from None
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        return _run(_serve(args, config, tokenizer, workers, sock))
     finally:
         stop_workers(workers)
-        sock.close()
         print("shoal serve: stopped", file=sys.stderr, flush=True)
+
+
+def _run(coro) -> int:
+    """Run on uvloop when it is installed (what uvicorn itself would pick)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+async def _serve(args: argparse.Namespace, config, tokenizer, workers: list[WorkerProcess], sock) -> int:
+    from shoal.router.app import create_app
+    from shoal.router.worker_client import GrpcWorkerClient
+    from shoal.router.worker_pool import make_pool
+
+    pool = make_pool(config)
+    for w in workers:
+        pool.add(GrpcWorkerClient(w.worker_id, w.endpoint))
+    host = RouterHost(create_app(config, pool, tokenizer), sock=sock, drain_timeout_s=args.drain_timeout)
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:  # a second Ctrl-C: do not wait for in-flight requests
+            host.drain_timeout_s = 0.0
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    await host.start(ready_timeout_s=args.worker_start_timeout)
+    print(f"shoal serve: ready on {host.url}/v1 (model {config.served_model_name!r}, "
+          f"{_roles_line(worker_roles(args))} worker(s), placement {args.placement})", flush=True)
+    supervisor = WorkerSupervisor(workers, pool, GrpcWorkerClient, start_timeout_s=args.worker_start_timeout,
+                                  hang_timeout_s=args.hang_timeout or None,
+                                  say=lambda line: print(line, file=sys.stderr, flush=True)).start()
+    stopping = asyncio.ensure_future(stop.wait())
+    exited = asyncio.ensure_future(host.wait())
+    await asyncio.wait({stopping, exited}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    await supervisor.stop()
+    cut = await host.stop()
+    if cut:
+        print(f"shoal serve: {cut} request(s) still running after --drain-timeout {args.drain_timeout:g} s "
+              "were ended with an error", file=sys.stderr, flush=True)
     return 0

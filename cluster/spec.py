@@ -3,9 +3,10 @@
 Every class validates itself on construction; :meth:`DeploymentSpec.from_dict` adds the path, so an
 error reads ``pools.decode.replicas must be >= 0, got -1``. ``from_dict(spec.to_dict()) == spec``.
 
-Torch-free on purpose: routers read the spec too. That is why engine option names are checked
-against ``EngineConfig``'s source (see :func:`engine_fields`) rather than by importing it;
-:meth:`PoolSpec.engine_config` builds the real, value-checked ``EngineConfig`` where torch is at hand.
+Torch-free on purpose: routers read the spec too. A pool's ``engine:`` keys are ``EngineConfig``'s
+fields (``workers/config.py``, torch-free) but ``model`` (the deployment's) and ``tensor_parallel_size``
+(the pool's), each checked on load against its declaration: name (with a close match when unknown),
+type and limits, so ``pools.decode.engine.block_size must be one of 1, 2, 4, ...`` comes from the spec.
 
 A pool's ``kv_transfer:`` mapping sets its workers' ``DisaggConfig`` (``workers/disagg_config.py``): how
 disaggregated prefill/decode moves KV blocks. Its keys are exactly DisaggConfig's fields, each
@@ -23,18 +24,14 @@ worker pulls, a prefill worker serves pulls)::
           link_idle_s: 300.0       # a link unused this long is closed
           layers_per_chunk: 4      # layers per pipelined chunk; 0: one whole tensor
 
-Values are checked on load by DisaggConfig's own rules (see :func:`check_kv_transfer`), so
+Values are checked on load by DisaggConfig's own declaration (see :func:`check_kv_transfer`), so
 ``pools.prefill.kv_transfer.export_ttl_s must be > 0, got 0`` comes from the spec, not a worker.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import dataclasses
 import difflib
-import functools
-import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
@@ -43,7 +40,9 @@ from types import MappingProxyType
 from typing import Any, Iterator, Mapping
 
 from shoal.cluster.etcd import parse_endpoints
+from shoal.workers.config import EngineConfig
 from shoal.workers.disagg_config import DisaggConfig
+from shoal.workers.options import OptionError, check_mapping, defaults
 
 POOL_ROLES = ("unified", "prefill", "decode")
 AUTOSCALING_METRICS = ("kv_usage", "num_waiting", "num_running")  # WorkerLoad fields, averaged per pool
@@ -120,68 +119,53 @@ def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping))
 
 
-# -- EngineConfig's fields, without importing torch -----------------------------------------------
+# -- a pool's engine (EngineConfig) and kv_transfer (DisaggConfig) --------------------------------
 
-@functools.cache
+# EngineConfig fields a pool's engine mapping must not set: the spec sets them elsewhere, once.
+_ENGINE_SET_ELSEWHERE = {"model": "is set once, by the top-level model field",
+                         "tensor_parallel_size": "is set once, by the pool's tensor_parallel_size"}
+
+
 def engine_fields() -> Mapping[str, Any]:
-    """``EngineConfig`` field name -> default (``...`` when it has none), read from its source.
-
-    ``shoal.workers.config`` imports torch and the spec must not; the tests check this table
-    against ``dataclasses.fields(EngineConfig)`` so the two cannot drift apart.
-    """
-    spec = importlib.util.find_spec("shoal.workers.config")
-    tree = ast.parse(Path(spec.origin).read_text())
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "EngineConfig":
-            return MappingProxyType({stmt.target.id: _literal(stmt.value) for stmt in node.body
-                                     if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)})
-    raise RuntimeError(f"no EngineConfig class in {spec.origin}")
+    """``EngineConfig`` field name -> default (``...`` for ``model``, which has none)."""
+    return defaults(EngineConfig)
 
 
-def _literal(node: ast.expr | None) -> Any:
-    """A field's default when it is a literal; ``...`` for none or a computed one (field(...))."""
-    try:
-        return ast.literal_eval(node) if node is not None else ...
-    except ValueError:
-        return ...
-
-
-def _check_engine(engine: Mapping[str, Any]) -> None:
-    fields = engine_fields()
-    for key in engine:
-        if key == "model":
-            raise SpecError("engine.model", "is set once, by the top-level model field")
-        if key not in fields:
-            hint = difflib.get_close_matches(str(key), list(fields), n=1)
-            did_you = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise SpecError(f"engine.{key}", f"is not an EngineConfig field{did_you}; known: "
-                            f"{', '.join(k for k in fields if k != 'model')}")
-
-
-# -- DisaggConfig (a pool's kv_transfer) -----------------------------------------------------------
-
-@functools.cache
 def kv_transfer_fields() -> Mapping[str, Any]:
     """``DisaggConfig`` field name -> default: the keys a pool's ``kv_transfer`` may set."""
-    return MappingProxyType({f.name: f.default for f in dataclasses.fields(DisaggConfig)})
+    return defaults(DisaggConfig)
+
+
+def _options(cls: type, data: Any, path: str, what: str, skip: tuple[str, ...] = ()) -> dict:
+    """``data`` checked against ``cls``'s option declarations (workers/options.py), as a SpecError."""
+    try:
+        return check_mapping(cls, data, path, what, skip=skip)
+    except OptionError as e:
+        raise SpecError(e.where, e.message) from None
+
+
+def _build(cls: type, path: str, **kwargs: Any) -> Any:
+    """``cls(**kwargs)``; a refusal of its own checks names ``<path>.<field>``."""
+    try:
+        return cls(**kwargs)
+    except OptionError as e:
+        raise SpecError(_join(path, e.field or ""), e.message) from None
+
+
+def check_engine(options: Any) -> dict:
+    """``options`` as a dict of EngineConfig fields, or a SpecError naming ``engine.<field>``."""
+    if isinstance(options, Mapping):
+        for key, why in _ENGINE_SET_ELSEWHERE.items():
+            if key in options:
+                raise SpecError(f"engine.{key}", why)
+    return _options(EngineConfig, options, "engine", "an EngineConfig field", skip=tuple(_ENGINE_SET_ELSEWHERE))
 
 
 def check_kv_transfer(options: Any) -> dict:
     """``options`` as a dict of DisaggConfig fields, or a SpecError naming ``kv_transfer.<field>``:
     an unknown key, a value of the wrong type, or one DisaggConfig's own checks refuse."""
-    d = _mapping(options, "kv_transfer", tuple(kv_transfer_fields()), "a kv_transfer (DisaggConfig) field")
-    kinds = {f.name: str(getattr(f.type, "__name__", f.type)) for f in dataclasses.fields(DisaggConfig)}
-    for key, value in d.items():
-        if kinds[key] == "int":
-            _check_int(value, f"kv_transfer.{key}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SpecError(f"kv_transfer.{key}", f"must be a number, got {value!r}")
-    try:
-        DisaggConfig(**d)
-    except ValueError as e:  # "DisaggConfig.<field> must be ...": the path is the field's
-        m = re.match(r"DisaggConfig\.(\w+) (.*)", str(e), re.S)
-        raise (SpecError(f"kv_transfer.{m.group(1)}", m.group(2)) if m
-               else SpecError("kv_transfer", f"is invalid: {e}")) from None
+    d = _options(DisaggConfig, options, "kv_transfer", "a kv_transfer (DisaggConfig) field")
+    _build(DisaggConfig, "kv_transfer", **d)
     return d
 
 
@@ -237,21 +221,19 @@ class PoolSpec:
         _check_int(self.tensor_parallel_size, "tensor_parallel_size", minimum=1)
         if not isinstance(self.resources_per_rank, Resources):
             raise SpecError("resources_per_rank", f"must be a Resources, got {self.resources_per_rank!r}")
-        if not isinstance(self.engine, Mapping):
-            raise SpecError("engine", f"must be a mapping, got {type(self.engine).__name__}")
-        _check_engine(self.engine)
-        object.__setattr__(self, "engine", _frozen(self.engine))
+        object.__setattr__(self, "engine", _frozen(check_engine(self.engine)))
         object.__setattr__(self, "kv_transfer", _frozen(check_kv_transfer(self.kv_transfer)))
 
     def engine_option(self, name: str) -> Any:
         """The value the engine will use: this pool's setting, else EngineConfig's default."""
+        if name == "tensor_parallel_size":
+            return self.tensor_parallel_size
         return self.engine.get(name, engine_fields()[name])
 
-    def engine_config(self, model: str):
-        """The ``EngineConfig`` of one replica (imports torch: call it on the worker side)."""
-        from shoal.workers.config import EngineConfig
-
-        return EngineConfig(model=model, **self.engine)
+    def engine_config(self, model: str) -> EngineConfig:
+        """The ``EngineConfig`` of one replica."""
+        return _build(EngineConfig, "engine", model=model, tensor_parallel_size=self.tensor_parallel_size,
+                      **self.engine)
 
     def disagg_config(self):
         """The ``DisaggConfig`` of one replica's engine."""
@@ -408,6 +390,8 @@ class DeploymentSpec:
                 raise SpecError(f"pools.{role}", f"is not a pool role; known: {', '.join(POOL_ROLES)}")
             if not isinstance(pool, PoolSpec):
                 raise SpecError(f"pools.{role}", f"must be a PoolSpec, got {pool!r}")
+            with _under(f"pools.{role}"):
+                pool.engine_config(self.model)  # EngineConfig's checks of the whole, with this model
         if ("prefill" in self.pools) != ("decode" in self.pools):
             have, need = ("prefill", "decode") if "prefill" in self.pools else ("decode", "prefill")
             raise SpecError(f"pools.{need}", f"is required with pools.{have} "

@@ -6,7 +6,6 @@ inside Ray actors. The child prints ``READY host:port`` once it listens; until t
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -17,14 +16,20 @@ from dataclasses import dataclass, field
 
 
 class WorkerStartError(RuntimeError):
-    pass
+    """A worker did not become ready; ``summary`` is the one line a user needs (the worker's own error
+    line when it printed one), the message adds the tail of its log."""
+
+    def __init__(self, summary: str, log_tail: list[str] = ()) -> None:
+        super().__init__(summary + ("\n" + "\n".join(log_tail) if log_tail else ""))
+        self.summary = summary
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the parent dies, even by SIGKILL (Linux)."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _last_error(lines: list[str]) -> str | None:
+    """The worker's own one-line error (``shoal worker: error: ...``), else its last non-empty line."""
+    for line in reversed(lines):
+        if line.startswith("shoal worker: error: "):
+            return line.removeprefix("shoal worker: error: ")
+    return next((line for line in reversed(lines) if line.strip()), None)
 
 
 @dataclass
@@ -39,14 +44,19 @@ class WorkerProcess:
     _log_tail: list[str] = field(default_factory=list)
 
     def command(self) -> list[str]:
+        # --parent-pid: the child arranges to get SIGTERM when this process dies, even by SIGKILL. It
+        # does so itself, rather than in a preexec_fn here: that would make Popen fork() a process
+        # full of gRPC threads instead of vfork + exec.
         return [sys.executable, "-m", "shoal.workers.server", "--host", self.host, "--port", "0",
-                "--worker-id", self.worker_id, "--role", self.role, *self.engine_args]
+                "--worker-id", self.worker_id, "--role", self.role, "--parent-pid", str(os.getpid()),
+                *self.engine_args]
 
     def start(self) -> None:
+        self._log_tail = []
+        self.endpoint = None
         self._proc = subprocess.Popen(
             self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            env={**os.environ, **self.env}, start_new_session=True,  # Ctrl-C reaches us, not it
-            preexec_fn=_die_with_parent)
+            env={**os.environ, **self.env}, start_new_session=True)  # Ctrl-C reaches us, not it
 
     def wait_ready(self, timeout_s: float) -> str:
         """Block until the READY line; then keep draining its output so the pipe never fills."""
@@ -65,18 +75,35 @@ class WorkerProcess:
                     if ready.is_set() and os.environ.get("SHOAL_WORKER_LOGS"):
                         print(f"[{self.worker_id}] {line}", file=sys.stderr)
 
-        threading.Thread(target=pump, name=f"pump-{self.worker_id}", daemon=True).start()
+        pumping = threading.Thread(target=pump, name=f"pump-{self.worker_id}", daemon=True)
+        pumping.start()
         while not ready.wait(0.1):
             if self._proc.poll() is not None:
-                raise WorkerStartError(f"worker {self.worker_id} exited with code {self._proc.returncode} "
-                                       f"before it was ready:\n" + "\n".join(self._log_tail[-20:]))
+                pumping.join(5.0)  # its last lines (the error) reach the tail at EOF
+                reason = _last_error(self._log_tail) or f"exit code {self._proc.returncode}"
+                raise WorkerStartError(f"worker {self.worker_id} failed to start: {reason}", self._log_tail[-20:])
             if time.monotonic() > deadline:
                 self.stop()
-                raise WorkerStartError(f"worker {self.worker_id} was not ready within {timeout_s:.0f} s")
+                raise WorkerStartError(f"worker {self.worker_id} was not ready within {timeout_s:.0f} s "
+                                       f"(--worker-start-timeout)", self._log_tail[-20:])
         return self.endpoint
 
     def alive(self) -> bool:
+        """Whether the process runs; polling reaps an exited child, so none is left a zombie."""
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL, now (a hung worker cannot drain); the supervisor reaps and restarts it."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
 
     def stop(self, grace_s: float = 10.0) -> int | None:
         """SIGTERM (the server drains), then SIGKILL if it lingers; returns the exit code."""

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_utils  # noqa: F401  (the interpreter fix for Triton < 3.7)
+
 
 _NO_KEY = tl.constexpr(2147483647)  # int32 max: above every key of a non-NaN logit
 

@@ -23,18 +23,23 @@ This module wires the app and holds the endpoints; each step lives in its own mo
     respond      admit -> start -> JSON or SSE, with the cleanup run exactly once
     streaming    the SSE body, and a response that notices a client leaving
     errors       ``ApiError`` and the handlers that give every error the OpenAI shape
-    middleware   request counts by endpoint and status
+    middleware   CORS, request id and access log, request counts, the API key (outermost first)
+    openapi      the request bodies in /openapi.json (bodies are read by validation, not by FastAPI)
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
 from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.middleware.cors import CORSMiddleware
 
+from shoal.workers.engine.sampling_params import SamplingParams
 from shoal.workers.tokenizer import Tokenizer
 
 from .config import RouterConfig
@@ -42,15 +47,27 @@ from .context import RouterContext
 from .errors import ApiError, add_error_handlers
 from .generation import Generation
 from .metrics import CONTENT_TYPE, RouterMetrics
-from .middleware import CountRequests
+from .middleware import CountRequests, RequestContext, RequireApiKey, access_record
+from .openapi import declare_request_bodies
 from .openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                               ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from .respond import respond
 from .responses import ChatBuilder, CompletionBuilder
 from .tokenization import Prompt, RouterTokenizer
-from .validation import (check_limits, check_model, read_request, resolve_max_tokens, run_tokenizer,
+from .validation import (check_limits, check_model, child_params, read_request, resolve_max_tokens, run_tokenizer,
                          sampling_params)
+
+# Paths that answer without the API key: probes and scrapers carry none, and the schema describes only.
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs",
+                        "/docs/oauth2-redirect", "/redoc"})
 from .worker_pool import WorkerPool
+
+
+def shoal_version() -> str:
+    try:
+        return version("shoal")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def create_app(config: RouterConfig, pool: WorkerPool, tokenizer: Tokenizer | RouterTokenizer, *,
@@ -70,11 +87,21 @@ def create_app(config: RouterConfig, pool: WorkerPool, tokenizer: Tokenizer | Ro
 
     app = FastAPI(title="shoal router", lifespan=lifespan)
     app.state.ctx = ctx
+    # add_middleware puts each one outside the ones before it: the key check innermost, CORS outermost
+    # (a browser's preflight carries no key; a 401 still gets CORS headers, an id and a log line).
+    if config.api_key is not None:
+        app.add_middleware(RequireApiKey, api_key=config.api_key, open_paths=OPEN_PATHS)
     app.add_middleware(CountRequests, metrics=ctx.metrics)
+    app.add_middleware(RequestContext, log_format=config.access_log)
+    app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                       allow_methods=list(config.allowed_methods), allow_headers=list(config.allowed_headers),
+                       allow_credentials=config.allow_credentials, expose_headers=["X-Request-Id"])
     add_error_handlers(app)
     _add_generation_routes(app, ctx)
     _add_tokenizer_routes(app, ctx)
     _add_status_routes(app, ctx)
+    declare_request_bodies(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+                                 "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
     return app
 
 
@@ -83,40 +110,55 @@ def _add_generation_routes(app: FastAPI, ctx: RouterContext) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = await read_request(request, CompletionRequest, cfg.max_body_bytes)
+        req = await read_request(request, CompletionRequest, cfg)
         model = check_model(ctx, req.model)
+        params = sampling_params(req)
         prompts = await run_tokenizer(tok.encode_completion_prompts, req.prompts(), field="prompt",
                                       errors=ValueError)
-        gen = _generation(ctx, request, req, "completions", prompts, "prompt", cfg.default_completion_max_tokens)
+        gen = _generation(ctx, request, req, params, "completions", prompts, "prompt",
+                          cfg.default_completion_max_tokens)
         return await respond(request, ctx, gen, CompletionBuilder(gen, model, tok, req.echo), req.stream,
                              req.include_usage)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = await read_request(request, ChatCompletionRequest, cfg.max_body_bytes)
+        req = await read_request(request, ChatCompletionRequest, cfg)
         model = check_model(ctx, req.model)
+        params = sampling_params(req)
         # Template errors (raise_exception, bad roles) are the caller's.
         messages = [m.for_template() for m in req.messages]
         prompt = await run_tokenizer(tok.encode_chat, messages, req.add_generation_prompt,
                                      req.continue_final_message, req.chat_template_kwargs, field="messages",
                                      prefix="messages: the chat template failed: ")
-        gen = _generation(ctx, request, req, "chat_completions", [prompt], "messages", None)
+        gen = _generation(ctx, request, req, params, "chat_completions", [prompt], "messages", None)
         return await respond(request, ctx, gen, ChatBuilder(gen, model, tok), req.stream, req.include_usage)
 
 
 def _generation(ctx: RouterContext, request: Request, req: CompletionRequest | ChatCompletionRequest,
-                endpoint: str, prompts: list[Prompt], prompt_field: str,
+                params: SamplingParams, endpoint: str, prompts: list[Prompt], prompt_field: str,
                 default_max_tokens: int | None) -> Generation:
     """Check ``req`` against the limits, then its children: ``n`` per prompt, one sampling setup.
 
-    The ``x-session-id`` header (else the OpenAI ``user`` field) keys session-affine placement.
+    The ``x-session-id`` header (else the OpenAI ``user`` field) keys session-affine placement. The
+    request id (``X-Request-Id``) prefixes the children's ids; a client's own id may repeat, so it gets
+    a unique suffix (a worker refuses a request id already in use).
     """
     check_limits(ctx.config, req.n, len(prompts), req.requested_logprobs, req.stop_list, req.logprobs_field)
     max_tokens = resolve_max_tokens(ctx, prompts, req.requested_max_tokens, default_max_tokens, prompt_field,
                                     req.max_tokens_field)
-    params = sampling_params(req.to_sampling_params, max_tokens)
+    params = child_params(req, params, max_tokens)
     session_key = request.headers.get("x-session-id") or req.user
-    return Generation(ctx, endpoint, prompts, params, req.n, session_key, req.priority)
+    record = access_record(request.scope)
+    request_id = None
+    if record is not None:
+        request_id = f"{record.request_id}-{uuid.uuid4().hex[:8]}" if record.from_client else record.request_id
+    gen = Generation(ctx, endpoint, prompts, params, req.n, session_key, req.priority, request_id=request_id)
+    if record is not None:
+        def usage() -> tuple[int, int]:  # read when the access line is written: final for a stream too
+            u = gen.usage()
+            return u.prompt_tokens, u.completion_tokens
+        record.usage = usage
+    return gen
 
 
 def _add_tokenizer_routes(app: FastAPI, ctx: RouterContext) -> None:
@@ -125,7 +167,7 @@ def _add_tokenizer_routes(app: FastAPI, ctx: RouterContext) -> None:
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        req = await read_request(request, TokenizeRequest, cfg.max_body_bytes)
+        req = await read_request(request, TokenizeRequest, cfg)
         check_model(ctx, req.model)
         field = "messages" if req.messages else "prompt"
         if req.messages is not None:
@@ -140,7 +182,7 @@ def _add_tokenizer_routes(app: FastAPI, ctx: RouterContext) -> None:
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        req = await read_request(request, DetokenizeRequest, cfg.max_body_bytes)
+        req = await read_request(request, DetokenizeRequest, cfg)
         check_model(ctx, req.model)
         bad = next((t for t in req.tokens if not 0 <= t < tok.vocab_size), None)
         if bad is not None:
@@ -158,12 +200,18 @@ def _add_status_routes(app: FastAPI, ctx: RouterContext) -> None:
         cards = [ModelCard(id=name, max_model_len=max_len) for name in ctx.model_names()]
         return ModelList(data=cards).model_dump()
 
-    @app.get("/health")
+    @app.get("/version")
+    async def version_():
+        return {"version": shoal_version()}
+
+    @app.get("/health")  # liveness: the process answers (RouterHost serves it from its first moment)
     async def health():
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready")  # readiness: can serve now (a load balancer / Kubernetes sends traffic only then)
     async def ready():
+        if ctx.phase != "serving":  # the host is still starting, or draining
+            return ctx.unavailable(f"the router is {ctx.phase}", code=f"router_{ctx.phase}").response()
         healthy = sum(1 for s in pool.states() if s.healthy)
         if not pool.has_healthy():  # prefill workers alone cannot serve a request
             return ctx.no_worker_error().response()
@@ -172,4 +220,5 @@ def _add_status_routes(app: FastAPI, ctx: RouterContext) -> None:
     @app.get("/metrics")
     async def metrics():
         ctx.metrics.observe_pool(pool)
-        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+        workers = await ctx.metrics.render_workers(pool.states())  # each worker's series, worker="<id>"
+        return Response(ctx.metrics.render() + workers, media_type=CONTENT_TYPE)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shoal.workers.engine.detokenizer import IncrementalDetokenizer
+from shoal.workers.engine.output_processor import CompletionState
 from shoal.workers.protocol import GenerateRequest, TokenDelta, TokenLogprob
 
 from .errors import ApiError
@@ -17,22 +17,33 @@ from .errors import ApiError
 
 @dataclass(eq=False)
 class Choice:
+    """One child's state; the stop-string and finish rule is ``CompletionState``'s (the engine's own)."""
+
     index: int  # in the response: prompt_index * n + sibling
     prompt_index: int
     request: GenerateRequest
-    detok: IncrementalDetokenizer
+    completion: CompletionState
     text: str = ""  # emitted so far (stop strings never in it)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    num_tokens: int = 0
     num_cached_tokens: int = 0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
     last_token_at: float | None = None
     worker_id: str | None = None
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.completion.finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.completion.finish_reason
+
+    @property
+    def stop_reason(self) -> int | str | None:
+        return self.completion.stop_reason
+
+    @property
+    def num_tokens(self) -> int:
+        return self.completion.num_tokens
 
     @property
     def wants_logprobs(self) -> bool:
@@ -43,14 +54,9 @@ class Choice:
 
         A stop string found here finishes the choice even though its worker is still generating.
         """
-        self.num_tokens += len(delta.token_ids)
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
-        hit = self.detok.update(delta.token_ids) if delta.token_ids else None
-        if hit is not None:
-            self.finish_reason, self.stop_reason = "stop", hit
-        elif delta.finish_reason is not None:
-            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
-        text = self.detok.get_next_output_text(self.finished, delta=True)
+        self.completion.update(delta.token_ids, delta.finish_reason, delta.stop_reason)
+        text = self.completion.text(delta=True)
         self.text += text
         logprobs = tuple(delta.logprobs) if self.wants_logprobs else ()
         self.logprobs.extend(logprobs)

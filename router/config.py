@@ -1,75 +1,81 @@
 """``RouterConfig``: the limits and knobs of one router replica, validated on construction.
 
-Only the entrypoint (``shoal serve``) reads flags or the environment; everything else receives this.
+Each option is declared once with ``workers/options.py`` (torch-free): the router flags of
+``shoal serve`` are generated from these fields. Only the entrypoint reads flags or the environment;
+everything else receives this.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-
-def _check(ok: bool, name: str, limit: str, value: object) -> None:
-    if not ok:
-        raise ValueError(f"RouterConfig.{name} must be {limit}, got {value!r}")
+from shoal.workers.options import option, validate
 
 
 @dataclass(frozen=True, eq=False)
 class RouterConfig:
-    # What /v1/models lists and requests must name. None: the model names the workers report.
-    served_model_name: str | None = None
-    # Placement: a name from shoal.router.placement.available_policies() and its options
-    # (make_pool() passes them to make_policy; block_size must equal the workers').
-    placement: str = "prefix_aware"
-    placement_options: Mapping[str, object] = field(default_factory=dict)
+    served_model_name: str | None = option(
+        None, "the model name /v1/models lists and requests must name (shoal serve: default --model; "
+              "unset: the names the workers report)")
+    # Placement: make_pool() passes placement_options to make_policy (block_size must equal the workers').
+    placement: str = option("prefix_aware", "placement policy: prefix_aware, least_load, round_robin, session",
+                            flag="--policy")
+    placement_options: Mapping[str, object] = option(default_factory=dict, help="the placement policy's options",
+                                                     cli=False)
 
-    # Prompt length limit. None: the smallest max_model_len of the workers, less one generated token.
-    max_prompt_tokens: int | None = None
-    # Requests generating at once; beyond it up to max_waiting_requests wait (FIFO) for at most
-    # queue_timeout_s (then 503); beyond that the router answers 429 at once. n > 1 counts as one.
-    max_concurrent_requests: int = 256
-    max_waiting_requests: int = 1024
-    queue_timeout_s: float = 30.0
-    max_body_bytes: int = 8 << 20
-    # From arrival to the last token; past it the request is aborted on its worker (504 / error event).
-    request_timeout_s: float = 600.0
-    retry_after_s: int = 1  # the Retry-After header of 429 and 503 answers
+    max_prompt_tokens: int | None = option(
+        None, "prompt length limit; None: the smallest max_model_len of the workers, less one generated token",
+        minimum=1)
+    # Beyond max_concurrent_requests up to max_waiting_requests wait (FIFO) for at most queue_timeout_s
+    # (then 503); beyond that the router answers 429 at once. n > 1 counts as one.
+    max_concurrent_requests: int = option(256, "requests generating at once (n > 1 counts as one)", minimum=1)
+    max_waiting_requests: int = option(1024, "requests waiting (FIFO) beyond those; more are answered 429",
+                                       minimum=0)
+    queue_timeout_s: float = option(30.0, "seconds a request may wait for its turn (then 503)",
+                                    exclusive_minimum=0)
+    max_body_bytes: int = option(8 << 20, "largest request body (larger: 413)", minimum=1024)
+    request_timeout_s: float = option(
+        600.0, "seconds from arrival to the last token; past it the request is aborted on its worker "
+               "(504 / error event)", exclusive_minimum=0)
+    retry_after_s: int = option(1, "the Retry-After header of 429 and 503 answers", minimum=0)
 
-    max_n: int = 16  # completions per request (n; for /v1/completions times the number of prompts)
-    max_logprobs: int = 20
-    max_stop_sequences: int = 16
-    default_completion_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
+    max_n: int = option(16, "completions per request (n; for /v1/completions times the number of prompts)",
+                        minimum=1)
+    max_logprobs: int = option(20, "top logprobs a request may ask for (the engine's limit is 20)",
+                               minimum=0, maximum=20)
+    max_stop_sequences: int = option(16, "stop strings per request", minimum=0)
+    default_completion_max_tokens: int = option(16, "/v1/completions without max_tokens (OpenAI's default)",
+                                                minimum=1)
 
-    # Worker pool: how often health and load are polled, and how long one poll may take.
-    health_interval_s: float = 1.0
-    health_timeout_s: float = 5.0
+    health_interval_s: float = option(1.0, "seconds between health and load polls of each worker",
+                                      exclusive_minimum=0)
+    health_timeout_s: float = option(5.0, "seconds one health poll may take", exclusive_minimum=0)
 
-    # Disaggregated prefill/decode (deployments with prefill-role workers): a prompt goes through a
-    # prefill worker when the chosen decode worker is predicted to lack at least this many of its
-    # tokens; shorter or mostly cached prompts go straight to decode. 0: always, when one is healthy.
-    disagg_min_prefill_tokens: int = 512
+    disagg_min_prefill_tokens: int = option(
+        512, "with prefill workers: a prompt whose part uncached on its decode worker is shorter goes "
+             "straight to decode; 0: always through a prefill worker, when one is healthy", minimum=0)
+
+    # The HTTP edge (router/app.py).
+    api_key: str | None = option(None, "when set, /v1/* need `Authorization: Bearer <key>` (unset: open; "
+                                       "shoal serve also reads $SHOAL_API_KEY)",
+                                 secret=True)
+    # CORS (Starlette's CORSMiddleware), with vLLM's defaults: any origin, method and header, no credentials.
+    allowed_origins: tuple[str, ...] = option(("*",), "CORS: origins allowed")
+    allowed_methods: tuple[str, ...] = option(("*",), "CORS: methods allowed")
+    allowed_headers: tuple[str, ...] = option(("*",), "CORS: headers allowed")
+    allow_credentials: bool = option(False, "CORS: allow credentials")
+    body_timeout_s: float = option(30.0, "seconds a request body may take to arrive in full (then 408 and "
+                                         "the connection is closed)", exclusive_minimum=0)
+    max_json_depth: int = option(64, "deepest nesting of arrays/objects a JSON body may have (deeper: 400 "
+                                     "before it is parsed)", minimum=1, maximum=256)
+    access_log: str = option("text", "one line per request on the logger 'shoal.router.access'",
+                             choices=("off", "text", "json"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "placement_options", MappingProxyType(dict(self.placement_options)))
-        _check(self.served_model_name is None or bool(self.served_model_name), "served_model_name",
-               "a non-empty string or None", self.served_model_name)
-        _check(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens",
-               ">= 1 or None", self.max_prompt_tokens)
-        _check(self.max_concurrent_requests >= 1, "max_concurrent_requests", ">= 1",
-               self.max_concurrent_requests)
-        _check(self.max_waiting_requests >= 0, "max_waiting_requests", ">= 0", self.max_waiting_requests)
-        _check(self.queue_timeout_s > 0, "queue_timeout_s", "> 0", self.queue_timeout_s)
-        _check(self.max_body_bytes >= 1024, "max_body_bytes", ">= 1024", self.max_body_bytes)
-        _check(self.request_timeout_s > 0, "request_timeout_s", "> 0", self.request_timeout_s)
-        _check(self.retry_after_s >= 0, "retry_after_s", ">= 0", self.retry_after_s)
-        _check(self.max_n >= 1, "max_n", ">= 1", self.max_n)
-        _check(0 <= self.max_logprobs <= 20, "max_logprobs", "in [0, 20] (the engine's limit)",
-               self.max_logprobs)
-        _check(self.max_stop_sequences >= 0, "max_stop_sequences", ">= 0", self.max_stop_sequences)
-        _check(self.default_completion_max_tokens >= 1, "default_completion_max_tokens", ">= 1",
-               self.default_completion_max_tokens)
-        _check(self.health_interval_s > 0, "health_interval_s", "> 0", self.health_interval_s)
-        _check(self.health_timeout_s > 0, "health_timeout_s", "> 0", self.health_timeout_s)
-        _check(isinstance(self.disagg_min_prefill_tokens, int) and self.disagg_min_prefill_tokens >= 0,
-               "disagg_min_prefill_tokens", "an int >= 0", self.disagg_min_prefill_tokens)
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        validate(self)

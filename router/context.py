@@ -22,6 +22,33 @@ class RouterContext:
         self.admission = Admission(config.max_concurrent_requests, config.max_waiting_requests,
                                    config.queue_timeout_s, config.retry_after_s, metrics)
         self._tasks: set[asyncio.Task] = set()  # strong references: asyncio keeps only weak ones
+        # The host's lifecycle: "starting" (not ready yet), "serving", "draining" (no new requests).
+        # An app without a RouterHost (tests, in-process use) serves from the start.
+        self.phase = "serving"
+        self._active: set = set()  # the generations admitted and not yet finished
+
+    # -- lifecycle (driven by RouterHost) ----------------------------------------------------------
+
+    def check_accepting(self) -> None:
+        """A new generation request while the host drains: 503, try another replica."""
+        if self.phase == "draining":
+            raise self.unavailable("the server is shutting down", code="server_shutting_down")
+
+    def track(self, generation) -> None:
+        self._active.add(generation)
+
+    def untrack(self, generation) -> None:
+        self._active.discard(generation)
+
+    def num_active(self) -> int:
+        return len(self._active)
+
+    def interrupt_all(self, error: ApiError) -> int:
+        """End every admitted generation with ``error`` (the drain deadline); -> how many."""
+        active = list(self._active)
+        for generation in active:
+            generation.interrupt(error)
+        return len(active)
 
     def spawn(self, coro: Coroutine) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

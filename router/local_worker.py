@@ -55,6 +55,10 @@ class LocalWorker:
                               info.tensor_parallel_size)
         return info
 
+    async def get_metrics(self) -> str:
+        # render() waits (bounded) for the engine thread to refresh the gauges: not on this loop
+        return (await asyncio.to_thread(self.engine.metrics.render)).decode()
+
     async def health(self) -> bool:
         return self.engine.alive(self.max_silence_s)
 

@@ -12,17 +12,29 @@ Disaggregated serving: ``disagg_requests_total{outcome}`` counts each prompt onc
 (the outcome names are ``shoal.router.disagg.OUTCOMES``), ``prefill_duration_seconds{outcome}`` times
 the Prefill calls ("ok" or "failed"), and ``worker_prefill_tokens`` shows per prefill worker the prompt
 tokens this router has queued there.
+
+Workers' own series: ``/metrics`` also carries every worker's engine series (vLLM's names, from its
+``GetMetrics``), each sample labelled ``worker="<id>"`` and each family's HELP/TYPE written once, so
+one scrape target covers a ``shoal serve`` machine. The workers are asked concurrently under
+``worker_scrape_timeout_s``; one that does not answer (or answers garbage) is left out of that scrape
+and counted in ``worker_metrics_failures``, never failing the router's own series.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
-    from .worker_pool import WorkerPool
+    from .worker_pool import WorkerHandle, WorkerPool, WorkerState
+
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5)
@@ -31,7 +43,11 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class RouterMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "shoal_router") -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "shoal_router", *,
+                 worker_scrape_timeout_s: float = 2.0) -> None:
+        if not worker_scrape_timeout_s > 0:
+            raise ValueError(f"worker_scrape_timeout_s must be > 0, got {worker_scrape_timeout_s}")
+        self.worker_scrape_timeout_s = worker_scrape_timeout_s
         self.registry = registry if registry is not None else CollectorRegistry()
         r, p = self.registry, prefix
         self.requests = Counter(f"{p}_requests", "HTTP requests by endpoint and status code",
@@ -90,6 +106,9 @@ class RouterMetrics:
             f"{p}_worker_kv_transfer_failures", "Worker-reported totals since its start: kind=fallback (a pull "
             "failed, the decode worker prefilled itself), kind=expired_pin (a prefilled prompt nobody pulled)",
             ["worker", "kind"], registry=r)
+        self.worker_metrics_failures = Counter(
+            f"{p}_worker_metrics_failures", "Scrapes in which the worker's own series were missing (no answer "
+            "within the timeout, an error, or unparsable text)", ["worker"], registry=r)
         self._predicted = self._reported = self._prompt = 0
         self._known_workers: set[str] = set()
 
@@ -154,3 +173,58 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def render_workers(self, states: Iterable["WorkerState"]) -> bytes:
+        """The workers' own series, fetched concurrently, relabelled and merged (see the module doc).
+        Call before :meth:`render`, so this scrape's failures are counted in it."""
+        states = list(states)
+        parsed = await asyncio.gather(*(self._fetch(s.worker_id, s.handle) for s in states))
+        families = {}
+        for state, fams in zip(states, parsed):
+            if fams is None:
+                self.worker_metrics_failures.labels(state.worker_id).inc()
+            else:
+                families[state.worker_id] = fams
+        return merge_worker_series(families)
+
+    async def _fetch(self, worker_id: str, handle: "WorkerHandle") -> list[Metric] | None:
+        try:
+            async with asyncio.timeout(self.worker_scrape_timeout_s):
+                text = await handle.get_metrics()
+            return list(text_string_to_metric_families(text))
+        except Exception as e:  # noqa: BLE001  (a worker's failure must not fail the router's scrape)
+            log.warning("no metrics from worker %s: %s", worker_id, f"{type(e).__name__}: {e}")
+            return None
+
+
+class _Families:
+    """A collector of fixed, already-built families (to render them with prometheus_client)."""
+
+    def __init__(self, families: list[Metric]):
+        self._families = families
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        return self._families
+
+
+def merge_worker_series(per_worker: Mapping[str, list[Metric]]) -> bytes:
+    """Workers' parsed families -> one exposition: every sample gains ``worker="<id>"``, each family
+    (by name) appears once with the first worker's HELP/TYPE; a worker whose family has another type
+    than the first's is left out of that family (the output must stay valid)."""
+    merged: dict[str, Metric] = {}
+    for worker_id, families in per_worker.items():
+        for fam in families:
+            out = merged.get(fam.name)
+            if out is None:
+                out = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            elif out.type != fam.type:
+                continue
+            out.samples.extend(s._replace(labels={**s.labels, "worker": worker_id}) for s in fam.samples)
+    if not merged:
+        return b""
+    registry = CollectorRegistry()
+    registry.register(_Families(list(merged.values())))
+    return generate_latest(registry)

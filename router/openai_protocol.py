@@ -1,10 +1,17 @@
 """OpenAI-compatible request and response bodies (``/v1/completions``, ``/v1/chat/completions``, ...).
 
-Requests are validated here with the OpenAI limits (temperature in [0, 2], penalties in [-2, 2], ...);
-a violation becomes an HTTP 400 whose ``param`` names the field (see :func:`validation_error_body`).
-Unknown fields are ignored, as OpenAI-compatible servers do. vLLM's extra sampling fields (``top_k``,
-``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ...) are accepted at the top level,
-which is where the official client's ``extra_body`` puts them.
+Requests are checked in two layers, each rule written once: the API's own limits here (OpenAI's
+temperature range, the shape of ``prompt`` and ``messages``, field combinations), and every sampling
+rule by ``SamplingParams`` itself (``_SamplingRequest.to_sampling_params``), whose ``InvalidParam``
+names the field as data. A violation becomes an HTTP 400 whose ``param`` names the field (see
+:func:`validation_error_body`).
+
+Nothing is silently ignored: a field shoal does not know is a 400, as OpenAI answers, and a field of
+the OpenAI or vLLM API that shoal does not implement (guided decoding, tools, beam search, ...) is a
+400 naming it unless its value asks for nothing (``null``, ``false``, ``{"type": "text"}``: clients
+that send defaults keep working). vLLM's extra sampling fields (``top_k``, ``min_p``,
+``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ...) are accepted at the top level, which is
+where the official client's ``extra_body`` puts them.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from shoal.workers.engine.sampling_params import SamplingParams
+from shoal.workers.engine.sampling_params import InvalidParam, SamplingParams
 
 # -- errors ---------------------------------------------------------------------------------------------
 
@@ -37,7 +44,11 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 def validation_error_body(err: ValidationError) -> dict:
-    """The first pydantic error as an OpenAI 400 body: ``param`` is the field's dotted path."""
+    """The first pydantic error as an OpenAI 400 body: ``param`` is the field's dotted path.
+
+    The path comes from pydantic's ``loc``, and for a whole-model check from the ``InvalidParam`` it
+    raised (its ``field``): never from the message text.
+    """
     errors = err.errors(include_url=False)
     # A union (str | list[part]) reports one error per member; our own checks say the most.
     first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
@@ -45,13 +56,18 @@ def validation_error_body(err: ValidationError) -> dict:
     # and list indices only.
     loc = [str(p) for p in first.get("loc", ())
            if isinstance(p, int) or (str(p).isidentifier() and str(p) not in _TYPE_NAMES)]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, InvalidParam):  # our own check: its message already names the field
+        return error_body(str(cause), param=".".join([*loc, cause.field]))
     param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":
+        return error_body(f"{param}: unrecognized request argument; shoal refuses fields it does not know "
+                          "(the accepted ones are in /openapi.json)", param=param, code="unknown_field")
     msg = first.get("msg", "invalid value")
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    if param is None:  # a whole-model check: its message starts with "field: "
-        head, sep, _ = msg.partition(": ")
-        return error_body(msg, param=head if sep and head.isidentifier() else None)
+    if param is None:
+        return error_body(msg)
     return error_body(msg if msg.startswith(param) else f"{param}: {msg}", param=param)
 
 
@@ -61,12 +77,58 @@ _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
 # -- requests -------------------------------------------------------------------------------------------
 
 
+def _inert(value: Any, allowed: tuple) -> bool:
+    """``value`` is one of ``allowed`` (None always is); True and 1 are told apart."""
+    return value is None or any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed)
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A request body: unknown fields are refused, and so are the ``unsupported`` ones unless inert.
+
+    ``unsupported``: field -> (the values that ask for nothing, what the field would need). An inert
+    value is dropped before validation; any other is an ``InvalidParam`` naming the field.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    unsupported: ClassVar[dict[str, tuple[tuple, str]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls.unsupported.keys() & data.keys():
+            return data
+        for name, (allowed, what) in cls.unsupported.items():
+            if name in data and not _inert(data[name], allowed):
+                raise InvalidParam(name, f"{name}: {what} is not supported by shoal")
+        return {k: v for k, v in data.items() if k not in cls.unsupported}
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+_GUIDED = "guided decoding (structured output)"
+_SAMPLING_UNSUPPORTED: dict[str, tuple[tuple, str]] = {
+    "logit_bias": (({},), "logit_bias"),
+    "response_format": (({"type": "text"},), "response_format other than {'type': 'text'} (structured output)"),
+    "guided_json": ((), _GUIDED), "guided_regex": ((), _GUIDED), "guided_choice": ((), _GUIDED),
+    "guided_grammar": ((), _GUIDED), "guided_decoding_backend": ((), _GUIDED),
+    "guided_whitespace_pattern": ((), _GUIDED), "structured_outputs": ((), _GUIDED),
+    "use_beam_search": ((False,), "beam search"),
+    "length_penalty": ((1, 1.0), "length_penalty (beam search)"),
+    "prompt_logprobs": ((), "prompt_logprobs"),
+    "bad_words": (([],), "bad_words"),
+    "allowed_token_ids": ((), "allowed_token_ids"),
+    "logits_processors": ((), "logits_processors"),
+    "truncate_prompt_tokens": ((), "truncate_prompt_tokens"),
+    "return_tokens_as_token_ids": ((False,), "return_tokens_as_token_ids"),
+    "cache_salt": ((), "cache_salt"),
+    "kv_transfer_params": ((), "kv_transfer_params"),
+    "store": ((False,), "store (stored completions)"),
+    "metadata": (({},), "metadata (stored completions)"),
+    "prediction": ((), "prediction (predicted outputs)"),
+    "service_tier": (("auto", "default"), "service_tier"),
+}
 
 
 class _SamplingRequest(_Request):
@@ -74,53 +136,40 @@ class _SamplingRequest(_Request):
 
     The two name some things differently (``logprobs`` is a count in one and a flag in the other):
     ``requested_logprobs`` / ``requested_max_tokens`` give the values, ``*_field`` the names errors use.
+    Sampling limits (top_p in (0, 1], penalties in [-2, 2], min_tokens <= max_tokens, ...) are
+    ``SamplingParams``' own: :meth:`to_sampling_params` applies them.
     """
 
     logprobs_field: ClassVar[str]
+    unsupported: ClassVar[dict[str, tuple[tuple, str]]] = _SAMPLING_UNSUPPORTED
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=128)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    n: int = 1
+    temperature: float | None = Field(None, le=2)  # OpenAI's upper bound; SamplingParams checks >= 0
+    top_p: float | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # the wire's int64
     stop: str | list[str] | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    max_tokens: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM extras
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = Field(None, le=2)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, v):
-        stops = [v] if isinstance(v, str) else (v or [])
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty strings")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported by this server")
-        return v
-
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options: only allowed when stream is true")
+            raise InvalidParam("stream_options", "stream_options: only allowed when stream is true")
         return self
 
     @property
@@ -146,10 +195,19 @@ class _SamplingRequest(_Request):
     def max_tokens_field(self) -> str:
         return "max_tokens"
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        """One child's params (n = 1); the router fans out and offsets the seed per child."""
+    def request_field(self, sampling_field: str) -> str:
+        """The name this request gives a ``SamplingParams`` field (for the ``param`` of its errors)."""
+        return {"max_tokens": self.max_tokens_field, "logprobs": self.logprobs_field}.get(sampling_field,
+                                                                                        sampling_field)
+
+    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        """The request's params (``n`` as asked; the router gives each child n = 1 and its own seed).
+
+        Raises ``InvalidParam`` (``SamplingParams``' own checks); its field is ``SamplingParams``'
+        name: :meth:`request_field` gives this request's.
+        """
         return SamplingParams(
-            n=1,
+            n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,
@@ -169,15 +227,22 @@ class _SamplingRequest(_Request):
         )
 
 
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
+_PROMPT_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                            _TOKEN_IDS, {"type": "array", "items": _TOKEN_IDS, "minItems": 1}]}
+
+
 class CompletionRequest(_SamplingRequest):
+    unsupported: ClassVar[dict[str, tuple[tuple, str]]] = {
+        **_SAMPLING_UNSUPPORTED, "suffix": (("",), "suffix (insertion)"), "best_of": ((1,), "best_of > 1")}
+
     # str | list[str] | list[int] | list[list[int]]; checked by _prompt_shape (pydantic's union
     # errors would name four branches instead of the field).
-    prompt: Any
-    logprobs: int | None = Field(None, ge=0, le=20)
+    prompt: Any = Field(json_schema_extra=_PROMPT_SCHEMA)
+    logprobs: int | None = None
     logprobs_field: ClassVar[str] = "logprobs"
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -199,19 +264,11 @@ class CompletionRequest(_SamplingRequest):
         raise ValueError("prompt must be a non-empty string, list of strings, list of token ids, "
                          "or list of token-id lists")
 
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v):
-        if v:
-            raise ValueError("suffix is not supported by this server")
-        return v
-
     @model_validator(mode="after")
-    def _best_of(self):
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of: only best_of == n is supported (n={self.n}), got {self.best_of}")
+    def _echo(self):
         if self.echo and self.logprobs is not None:
-            raise ValueError("echo: echo together with logprobs (prompt logprobs) is not supported")
+            raise InvalidParam("echo", "echo: echo together with logprobs (prompt logprobs) is not supported "
+                                       "by shoal")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -228,7 +285,11 @@ class CompletionRequest(_SamplingRequest):
         return self.logprobs
 
 
-class ChatContentPart(_Request):
+class ChatContentPart(BaseModel):
+    # Other keys of a part (image_url, cache_control, ...) are not refused one by one: any part that is
+    # not text is refused whole by _text_only.
+    model_config = ConfigDict(extra="ignore")
+
     type: str
     text: str | None = None
 
@@ -256,15 +317,24 @@ class ChatMessage(BaseModel):
         return out
 
 
+_TOOLS = "tool calling"
+
+
 class ChatCompletionRequest(_SamplingRequest):
+    unsupported: ClassVar[dict[str, tuple[tuple, str]]] = {
+        **_SAMPLING_UNSUPPORTED,
+        "tools": (([],), _TOOLS), "tool_choice": (("none", "auto"), _TOOLS), "functions": (([],), _TOOLS),
+        "function_call": (("none", "auto"), _TOOLS), "parallel_tool_calls": ((), _TOOLS),
+        "audio": ((), "audio output"), "modalities": ((["text"],), "modalities other than ['text']"),
+        "reasoning_effort": ((), "reasoning_effort"), "web_search_options": ((), "web search"),
+        "chat_template": ((), "a per-request chat_template"),
+    }
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = None
     logprobs_field: ClassVar[str] = "top_logprobs"
-    tools: list[dict] | None = None
-    tool_choice: Any = None
-    response_format: dict | None = None
     # vLLM extras for templates
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -273,13 +343,10 @@ class ChatCompletionRequest(_SamplingRequest):
     @model_validator(mode="after")
     def _checks(self):
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs: requires logprobs to be true")
-        if self.tools:
-            raise ValueError("tools: tool calling is not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format: only {'type': 'text'} is supported")
+            raise InvalidParam("top_logprobs", "top_logprobs: requires logprobs to be true")
         if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message: cannot be combined with add_generation_prompt")
+            raise InvalidParam("continue_final_message",
+                               "continue_final_message: cannot be combined with add_generation_prompt")
         return self
 
     @property
@@ -308,7 +375,7 @@ class TokenizeRequest(_Request):
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("prompt: give exactly one of prompt and messages")
+            raise InvalidParam("prompt", "prompt: give exactly one of prompt and messages")
         return self
 
 

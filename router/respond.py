@@ -1,8 +1,9 @@
 """One generation request's answer: admit it, start it, and answer as JSON or as a stream.
 
-Whatever ends the request (its last event, an error, the deadline, the client leaving), the
-generation is finished (its children aborted, its metrics recorded) and its concurrency slot freed,
-exactly once. A client that leaves while the request waits for a slot or for its first event is
+Whatever ends the request (its last event, an error, the deadline, the client leaving, the host's
+drain deadline), the generation is finished (its children aborted, its metrics recorded), its
+concurrency slot freed and the host stops tracking it, exactly once. A host that drains refuses new
+requests here (503). A client that leaves while the request waits for a slot or for its first event is
 noticed at once: uvicorn would otherwise let a queued request or a long prefill run for nobody.
 """
 
@@ -31,12 +32,14 @@ async def respond(request: Request, ctx: RouterContext, gen: Generation, builder
     A stream's headers wait for its first event, so an error before any token (bad request on the
     worker, every worker failing) is still a proper status code.
     """
+    ctx.check_accepting()
     if not ctx.admission.try_acquire():  # only a request that queues needs a disconnect watch
         try:
             await unless_disconnected(request, ctx.admission.acquire())
         except ClientGone:
             return Response(status_code=_CLIENT_GONE)
-    close = _Once(gen.finish, ctx.admission.release)
+    ctx.track(gen)  # the host's drain waits for it, and interrupts it at its deadline
+    close = _Once(gen.finish, ctx.admission.release, lambda: ctx.untrack(gen))
     handed_over = False  # to the SSE response, which then closes
     try:
         gen.start()

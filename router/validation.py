@@ -1,15 +1,18 @@
 """From an HTTP request to checked values, refused at the edge with a 4xx naming the field.
 
-The order an endpoint follows: :func:`read_request` (size limit 413, JSON and schema 400) ->
-:func:`check_model` (400 on ``model``) -> :func:`run_tokenizer` (tokenizer and chat-template failures are the caller's:
-400) -> :func:`check_limits` and :func:`resolve_max_tokens` (the config's and the context length's
-limits) -> :func:`sampling_params` (``SamplingParams``' own checks, 400).
+The order an endpoint follows: :func:`read_request` (body timeout 408, size limit 413, nesting depth,
+JSON and schema 400) -> :func:`check_model` (400 on ``model``) -> :func:`sampling_params` (``SamplingParams``'
+own checks, 400 naming the field) -> :func:`run_tokenizer` (tokenizer and chat-template failures are the
+caller's: 400) -> :func:`check_limits` and :func:`resolve_max_tokens` (the config's and the context
+length's limits) -> :func:`child_params` (the resolved max_tokens, checked by ``SamplingParams`` again).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import re
 from typing import Any, Callable, TypeVar
 
 from fastapi import Request
@@ -20,7 +23,7 @@ from shoal.workers.engine.sampling_params import SamplingParams
 from .config import RouterConfig
 from .context import RouterContext
 from .errors import ApiError, bad_value
-from .openai_protocol import validation_error_body
+from .openai_protocol import _SamplingRequest, validation_error_body
 from .tokenization import Prompt
 
 M = TypeVar("M", bound=BaseModel)
@@ -30,26 +33,92 @@ T = TypeVar("T")
 # -- the body -------------------------------------------------------------------------------------------
 
 
-async def read_request(request: Request, model: type[M], limit: int) -> M:
-    """The body, at most ``limit`` bytes, parsed as JSON and validated as ``model``."""
-    return _parse(model, await _read_json(request, limit))
+async def read_request(request: Request, model: type[M], config: RouterConfig) -> M:
+    """The body (within ``body_timeout_s``, at most ``max_body_bytes``, nested at most ``max_json_depth``
+    deep), parsed as JSON and validated as ``model``."""
+    body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
+    check_depth(body, config.max_json_depth)
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if _SURROGATE_ESCAPE.search(body):  # rare: only then walk the body
+        check_unicode(data)
+    return _parse(model, data)
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+# A \uD800-\uDFFF escape. Paired, two of them are one character; alone, it makes a string that is not
+# Unicode text: the tokenizer refuses it with a TypeError and UTF-8 cannot carry it (not even back in
+# an error message), so it is a 400 here.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def check_unicode(value: Any, path: tuple = ()) -> None:
+    """400 naming the field when a string (or an object key) of ``value`` holds a lone surrogate.
+    Recursion is bounded: the body passed :func:`check_depth`."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            param = ".".join(map(str, path)) or None
+            where = f"{param}: " if param else ""
+            raise ApiError(400, f"{where}the string holds a lone UTF-16 surrogate "
+                                f"(\\u{ord(value[e.start]):04x} at {e.start}): not valid Unicode text",
+                           param=param, code="invalid_unicode") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(key, path)
+            check_unicode(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_unicode(item, (*path, i))
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body. A client that stops sending (a Content-Length it never fills) gets 408 after
+    ``timeout_s`` and the connection is closed: it cannot hold a connection and a task forever."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body has {declared} bytes, more than the limit of {limit} "
-                            "(max_body_bytes)", code="request_too_large")
+                            "(max_body_bytes)", code="request_too_large", close=True)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"the request body is larger than the limit of {limit} bytes (max_body_bytes)",
-                           code="request_too_large")
     try:
-        return json.loads(body)
-    except ValueError as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"the request body is larger than the limit of {limit} bytes "
+                                        "(max_body_bytes)", code="request_too_large", close=True)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s} s (body_timeout_s): "
+                            f"{len(body)} bytes came", code="request_timeout", close=True) from None
+    return bytes(body)
+
+
+# A JSON string (escapes included): its brackets are text, not nesting.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = [0] * 256
+for _b in b"[{":
+    _DEPTH_STEP[_b] = 1
+for _b in b"]}":
+    _DEPTH_STEP[_b] = -1
+
+
+def check_depth(body: bytes, limit: int) -> None:
+    """400 when arrays/objects nest deeper than ``limit``, found before parsing: the parser (and
+    pydantic after it) recurse once per level, and 10,000 levels are a RecursionError, not an answer.
+
+    Linear, in C (regex, translate, accumulate): the strings go, the brackets stay, their running sum
+    is the depth. Broken JSON may miscount here; the parser then names the real fault.
+    """
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    if len(brackets) <= limit:  # cannot nest deeper than it has brackets
+        return
+    depth = max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+    if depth > limit:
+        raise ApiError(400, f"the request body nests {depth} levels deep, more than the limit of {limit} "
+                            "(max_json_depth)", code="json_too_deep")
 
 
 def _parse(model: type[M], data: Any) -> M:
@@ -59,7 +128,7 @@ def _parse(model: type[M], data: Any) -> M:
         return model.model_validate(data)
     except ValidationError as e:
         body = validation_error_body(e)["error"]
-        raise ApiError(400, body["message"], param=body["param"]) from None
+        raise ApiError(400, body["message"], param=body["param"], code=body["code"]) from None
 
 
 # -- model, prompts, limits -----------------------------------------------------------------------------
@@ -144,9 +213,18 @@ def _prompt_limit(config: RouterConfig, max_len: int) -> tuple[int, str]:
     return limit, why
 
 
-def sampling_params(build: Callable[[int], SamplingParams], max_tokens: int) -> SamplingParams:
-    """``build(max_tokens)``: the request's own ``to_sampling_params``, whose ValueErrors are a 400."""
+def sampling_params(req: _SamplingRequest) -> SamplingParams:
+    """The request's ``SamplingParams`` with the max_tokens it asked for (None: not yet known), checked
+    before the prompt is tokenized; its ``InvalidParam`` is a 400 naming the request's field."""
     try:
-        return build(max_tokens)
+        return req.to_sampling_params(req.requested_max_tokens)
     except ValueError as e:
-        raise bad_value(e) from None
+        raise bad_value(e, req.request_field) from None
+
+
+def child_params(req: _SamplingRequest, params: SamplingParams, max_tokens: int) -> SamplingParams:
+    """One child's params: n = 1 (the router fans out) and the resolved max_tokens, checked again."""
+    try:
+        return params.replace(n=1, max_tokens=max_tokens)
+    except ValueError as e:
+        raise bad_value(e, req.request_field) from None

@@ -17,6 +17,7 @@ import grpc
 
 from shoal.workers.protocol import (GenerateRequest, KVEventBatch, KVHandle, TokenDelta, WorkerInfo,
                                     WorkerLoad)
+from shoal.workers.engine.sampling_params import InvalidParam
 from shoal.workers.rpc import codec
 from shoal.workers.rpc import worker_pb2 as pb
 from shoal.workers.rpc import worker_pb2_grpc as pb_grpc
@@ -80,8 +81,9 @@ class GrpcWorkerClient:
         return self._stub_
 
     def _error(self, e: grpc.aio.AioRpcError, started: bool = False) -> Exception:
-        if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            return ValueError(e.details())
+        if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # the request's fault: a 400, never the worker's
+            field = dict(e.trailing_metadata() or ()).get(codec.INVALID_PARAM_KEY)
+            return InvalidParam(field, e.details()) if field else ValueError(e.details())
         return WorkerUnavailable(self.worker_id, f"{e.code().name}: {e.details()}", code=e.code().name,
                                  started=started)
 
@@ -161,6 +163,10 @@ class GrpcWorkerClient:
 
     async def get_info(self) -> WorkerInfo:
         return codec.worker_info_from_pb(await self._unary(self._stub.GetInfo, pb.Empty()))
+
+    async def get_metrics(self) -> str:
+        """The worker's Prometheus series as text exposition (``workers/metrics.py``)."""
+        return (await self._unary(self._stub.GetMetrics, pb.Empty())).text
 
     async def health(self) -> bool:
         """True when the worker answers and its engine loop runs; never raises."""

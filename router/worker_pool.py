@@ -11,6 +11,12 @@ The pool is the router's only view of the fleet. It
 * hands the policy ``WorkerView``s in which an unhealthy worker is marked so, which keeps it out of
   placement until a poll finds it healthy again.
 
+Health, without flapping: a worker leaves placement when it *says* it is unhealthy (its engine loop
+stopped or is stuck in one step), when a request finds it gone (:func:`shows_worker_down`: it cannot
+be reached), or when ``unhealthy_after_misses`` polls in a row go unanswered (a hung process). One
+slow or lost health answer (a busy host, a long step holding the GIL) leaves it where it is, and so
+does anything a request did wrong (a refusal, a first-token deadline: the request's, not the worker's).
+
 Roles (``WorkerInfo.role``): "unified" and "decode" workers serve Generate and are what the policy
 ranks; "prefill" workers only serve Prefill calls, so the policy never sees them (nor their KV
 events): the disaggregation planner (``disagg.py``) chooses among them from :meth:`prefill_views`.
@@ -76,6 +82,9 @@ class WorkerHandle(Protocol):
 
     async def get_info(self) -> WorkerInfo: ...
 
+    async def get_metrics(self) -> str:
+        """The worker's Prometheus series (vLLM's names), as text exposition."""
+
     async def health(self) -> bool: ...
 
     def kv_events(self) -> AsyncIterator[KVEventBatch]: ...
@@ -96,6 +105,7 @@ class WorkerState:
     num_placed: int = 0  # requests (prompts) this router placed on it (prefills, on a prefill worker)
     last_error: str | None = None
     last_healthy_at: float | None = None
+    missed_polls: int = 0  # health polls in a row that got no answer (timeout, transport error)
     kv_batches: int = 0  # KV event batches applied to the policy
     kv_subscriptions: int = 0
     kv_task: asyncio.Task | None = None
@@ -118,17 +128,21 @@ class WorkerState:
 class WorkerPool:
     def __init__(self, policy: PlacementPolicy, *, poll_interval_s: float = 1.0,
                  health_timeout_s: float = 5.0, kv_retry_s: float = 0.2, kv_retry_max_s: float = 10.0,
+                 unhealthy_after_misses: int = 3,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         if poll_interval_s <= 0:
             raise ValueError(f"poll_interval_s must be > 0, got {poll_interval_s}")
         if health_timeout_s <= 0:
             raise ValueError(f"health_timeout_s must be > 0, got {health_timeout_s}")
+        if unhealthy_after_misses < 1:
+            raise ValueError(f"unhealthy_after_misses must be >= 1, got {unhealthy_after_misses}")
         if not 0 < kv_retry_s <= kv_retry_max_s:
             raise ValueError(f"kv_retry_s must be in (0, kv_retry_max_s={kv_retry_max_s}], got {kv_retry_s}")
         self.policy = policy
         self.poll_interval_s = poll_interval_s
         self.health_timeout_s = health_timeout_s
+        self.unhealthy_after_misses = unhealthy_after_misses
         self.kv_retry_s = kv_retry_s
         self.kv_retry_max_s = kv_retry_max_s
         self.clock = clock
@@ -211,7 +225,7 @@ class WorkerPool:
 
     async def _refresh(self, state: WorkerState) -> None:
         handle, timeout = state.handle, self.health_timeout_s
-        info, load, error = state.info, state.load, None
+        info, load, error, answered = state.info, state.load, None, True
         try:
             ok = bool(await asyncio.wait_for(handle.health(), timeout))
             if ok:
@@ -223,13 +237,27 @@ class WorkerPool:
                 error = "health check answered unhealthy" + (f": {detail}" if detail else "")
         except asyncio.CancelledError:
             raise
-        except Exception as e:
-            ok, error = False, f"{type(e).__name__}: {e}"
+        except Exception as e:  # no answer: a hung or gone worker, or only a slow one
+            ok, answered, error = False, False, f"{type(e).__name__}: {e}"
         if self._workers.get(state.worker_id) is not state:  # removed while we waited
             return
+        self._judge(state, ok, answered, info, load, error)
+
+    def _judge(self, state: WorkerState, ok: bool, answered: bool, info: WorkerInfo | None, load: WorkerLoad,
+               error: str | None) -> None:
+        """Apply one poll's outcome. A healthy worker that did not answer stays healthy (on its last
+        load) until ``unhealthy_after_misses`` polls in a row went unanswered: no flapping on one slow
+        answer. One that answered "unhealthy" leaves at once."""
         was_healthy = state.healthy
+        if not ok and not answered and was_healthy:
+            state.missed_polls += 1
+            if state.missed_polls < self.unhealthy_after_misses:
+                log.info("worker %s missed a health poll (%d in a row): %s", state.worker_id, state.missed_polls,
+                         error)
+                return
         state.info, state.load, state.healthy = info, load, ok
         if ok:
+            state.missed_polls = 0
             state.last_healthy_at = self.clock()
             if not was_healthy:
                 log.info("worker %s is healthy", state.worker_id)
@@ -248,7 +276,8 @@ class WorkerPool:
                       getattr(self.policy, "name", "?"), want)
 
     def mark_failed(self, worker_id: str, error: str) -> None:
-        """A request saw the worker fail: out of placement until a poll finds it healthy again."""
+        """A request found the worker gone (see :func:`shows_worker_down`): out of placement until a
+        poll finds it healthy again."""
         state = self._workers.get(worker_id)
         if state is not None and state.healthy:
             log.warning("worker %s failed a request, taken out of placement: %s", worker_id, error)
@@ -394,6 +423,18 @@ class WorkerPool:
 
     def __contains__(self, worker_id: str) -> bool:
         return worker_id in self._workers
+
+
+def shows_worker_down(error: BaseException) -> bool:
+    """Whether a request's failure shows its worker is down (unreachable, shut down, its engine loop
+    stopped), so it should leave placement at once.
+
+    Only ``WorkerUnavailable`` with code UNAVAILABLE does. A refusal (``ValueError``: the request's
+    fault), a deadline (DEADLINE_EXCEEDED: a slow answer is not a dead worker), an error the worker
+    answered with (INTERNAL, ...) or a bug in the router say nothing about the worker's health: the
+    health poll decides those, so one bad request never takes a healthy worker from everyone else.
+    """
+    return isinstance(error, WorkerUnavailable) and error.code == "UNAVAILABLE"
 
 
 def make_pool(config: RouterConfig, **pool_options) -> WorkerPool:

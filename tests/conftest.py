@@ -32,6 +32,6 @@ def tiny_checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    from shoal.workers.models.loader import smollm2_path
+    from shoal.workers.models.files import smollm2_path
 
     return smollm2_path()

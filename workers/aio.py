@@ -32,3 +32,23 @@ async def in_thread(fn, *args, **kwargs):
 
     threading.Thread(target=run, daemon=True, name=f"shoal-{getattr(fn, '__name__', 'op')}").start()
     return await future
+
+
+class LoopQueue:
+    """An ``asyncio.Queue`` that another thread (the engine thread) feeds: ``put`` from any thread,
+    ``get`` on the queue's own loop. A put after that loop closed is dropped (nobody listens any more)."""
+
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        self.loop = loop or asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is gone
+            pass
+
+    async def get(self):
+        return await self.queue.get()

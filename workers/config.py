@@ -1,78 +1,64 @@
-"""``EngineConfig``: everything one engine needs to start, validated on construction."""
+"""``EngineConfig``: everything one engine needs to start, validated on construction.
+
+The one place an engine option is declared (name, type, default, help, limits): the flags of
+``shoal serve`` / ``shoal generate`` / ``python -m shoal.workers.server`` / the benches and the
+deployment spec's ``pools.<role>.engine`` keys are generated from it (``workers/options.py``).
+Torch-free on purpose: routers and the cluster CLI import it. What the options mean on a device
+(torch dtype, torch device, kernel set) is ``workers/device.py``'s job.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from .options import option, validate
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
+DEFAULT_MODEL = "smollm2-135m"  # what the command line serves without --model
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``"auto"``: float32 on CPU (exact reference numerics), bfloat16 on GPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+def _is_device(device: str) -> bool:
+    index = device.removeprefix("cuda:")
+    return device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and index.isdigit())
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str
-    tokenizer: str | None = None  # defaults to the model's own
-    load_format: str = "auto"  # "auto" | "dummy" (random weights of the model's shape)
-    dtype: str = "auto"
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    kernels: str = "auto"  # "auto": triton on cuda, reference on cpu
-    seed: int = 0
-    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192 on CPU
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    num_kv_blocks: int | None = None  # explicit cache size; overrides the memory-based sizing
-    kv_cache_memory_gb: float = 2.0  # CPU: bytes for the KV cache
-    gpu_memory_utilization: float = 0.9  # GPU: fraction of total memory the engine may use
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # default: max(8192, max_model_len) / 2048 on CPU
-    enable_chunked_prefill: bool = True
-    scheduling_policy: str = "fcfs"
-    cuda_graphs: bool = True  # capture decode steps as CUDA graphs (GPU only)
-    kv_events: bool = False  # record cached-block changes for subscribers (the router's prefix index)
-    tensor_parallel_size: int = 1  # > 1: this many ranks (processes; cuda:0..N-1 on GPU), rank 0 here
+    model: str = option(
+        help="HF checkpoint dir, .gguf file, alias 'smollm2-135m', or a shape preset (llama-3.1-8b, "
+             "qwen2.5-0.5b, ...) with --load-format dummy", cli_default=DEFAULT_MODEL)
+    tokenizer: str | None = option(None, "tokenizer path if not the model's own")
+    load_format: str = option("auto", "'dummy': random weights of the model's shape", choices=("auto", "dummy"))
+    dtype: str = option("auto", "weights and KV cache; 'auto': float32 on CPU (exact reference numerics), "
+                                "bfloat16 on GPU", choices=DTYPES)
+    device: str = option("auto", "'auto': cuda when available, else cpu",
+                         check=(_is_device, "'auto', 'cpu', 'cuda' or 'cuda:N'"))
+    kernels: str = option("auto", "'auto': triton on cuda, reference (torch) on cpu",
+                          choices=("auto", "reference", "triton"))
+    seed: int = option(0, "seed of dummy weights and of unseeded sampling")
+    max_model_len: int | None = option(
+        None, "longest sequence (prompt + output); default: the model's max_position_embeddings, "
+              "capped at 8192 on CPU", minimum=2)
+    block_size: int = option(16, "tokens per KV cache block", choices=(1, 2, 4, 8, 16, 32, 64, 128))
+    enable_prefix_caching: bool = option(True, "reuse cached KV blocks of shared prompt prefixes",
+                                         flag="--prefix-caching")
+    num_kv_blocks: int | None = option(None, "explicit KV cache size in blocks; overrides the memory-based "
+                                             "sizing", minimum=1)
+    kv_cache_memory_gb: float = option(2.0, "CPU: GiB for the KV cache", exclusive_minimum=0)
+    gpu_memory_utilization: float = option(0.9, "GPU: fraction of total memory the engine may use",
+                                           exclusive_minimum=0, maximum=1)
+    max_num_seqs: int = option(256, "sequences running at once", minimum=1)
+    max_num_batched_tokens: int | None = option(
+        None, "token budget of one step; default: max(8192, max_model_len) on GPU, 2048 on CPU", minimum=1)
+    enable_chunked_prefill: bool = option(True, "split long prompts over steps (else a step's budget "
+                                                "must hold a whole prompt)", flag="--chunked-prefill")
+    scheduling_policy: str = option("fcfs", "'priority': lower request priority first, then arrival",
+                                    choices=("fcfs", "priority"))
+    cuda_graphs: bool = option(True, "capture decode steps as CUDA graphs (GPU only)")
+    kv_events: bool = option(False, "record cached-block changes for subscribers (the router's prefix "
+                                    "index; worker servers always turn it on)")
+    tensor_parallel_size: int = option(1, "ranks one engine is split over (processes on this machine; gloo "
+                                          "on CPU, NCCL on GPU); rank 0 runs here", minimum=1, aliases=("-tp",))
 
     def __post_init__(self) -> None:
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        if self.kernels not in ("auto", "reference", "triton"):
-            raise ValueError(f"kernels must be 'auto', 'reference' or 'triton', got {self.kernels!r}")
-        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
-            raise ValueError(f"block_size must be a power of two in [1, 128], got {self.block_size}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.kv_cache_memory_gb <= 0:
-            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        resolve_dtype(self.dtype, torch.device("cpu"))
-
-    @property
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    @property
-    def kernel_set(self) -> str:
-        if self.kernels == "auto":
-            return "triton" if self.torch_device.type == "cuda" else "reference"
-        return self.kernels
+        validate(self)

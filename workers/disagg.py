@@ -4,15 +4,17 @@ side's pulls.
 One request, end to end (the router drives the first two steps):
 
 1. prefill worker, ``Prefill`` RPC: the prompt runs (one token is sampled and dropped); at the moment
-   it finishes, still on the engine thread, its full blocks are pinned in :class:`ExportTable` for
-   ``ttl_s`` and a ``KVHandle`` goes back to the router;
+   it finishes, still on the engine thread, its full blocks are pinned in the ``ExportTable``
+   (``workers/kv_exports.py``) for ``ttl_s`` and a ``KVHandle`` goes back to the router;
 2. decode worker, ``Generate`` with ``kv_source``: :class:`DecodeSide` reserves blocks for what its
    prefix cache lacks, takes a link to the prefill worker from its pool (opening one with
    ``OpenKVLink`` if needed), calls ``PullKV`` (the prefill worker gathers the blocks, unpins the
    prompt and starts sending), receives, and publishes the blocks in its prefix cache; the request
    is then added like any other and finds the prompt cached but for its last partial block.
 
-Control travels over gRPC, data over the link (torch.distributed point-to-point). Anything that
+Both sides reach their engine only through ``EngineAccess`` (``workers/engine_access.py``): block
+pool work runs on the engine thread. Control travels over gRPC, data over the link (torch.distributed
+point-to-point). Anything that
 fails undoes itself on its own side: the decode worker aborts its reservation and computes the
 prefill itself; the prefill worker's pin expires after ``ttl_s`` if nobody pulls.
 """
@@ -28,21 +30,18 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Callable
 
 import grpc
 import torch
 
-from .executor.kv_transfer import (CacheBlockIO, ExportedPrefix, KVGeometry, KVLink, KVSink, KVSource,
-                                   KVTransferError, LinkStore, backend_for, pipeline)
 from .aio import in_thread
 from .disagg_config import DisaggConfig  # noqa: F401  (re-exported: the workers' import path)
+from .engine_access import EngineAccess
+from .executor.kv_transfer import (CacheBlockIO, ExportedPrefix, KVGeometry, KVLink, KVSink, KVTransferError,
+                                   LinkStore, backend_for, pipeline)
 from .protocol import GenerateRequest
 from .rpc import worker_pb2 as pb
 from .rpc import worker_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from .async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -62,65 +61,6 @@ def geometry_from_pb(msg: pb.KVGeometry) -> KVGeometry:
 
 
 # -- prefill side ------------------------------------------------------------------------------------
-
-class ExportTable:
-    """Prompts pinned for a pull, by request id. Engine thread only (it touches the block pool)."""
-
-    def __init__(self, source: KVSource, ttl_s: float, clock: Callable[[], float] = time.monotonic):
-        self.source, self.ttl_s, self._clock = source, ttl_s, clock
-        self._pinned: dict[str, tuple[ExportedPrefix, float]] = {}
-        self.num_expired = 0
-        self.num_pinned_blocks = 0  # kept as a counter: other threads read it for load reports
-
-    def pin(self, request_id: str, prompt_token_ids) -> ExportedPrefix:
-        self.release(request_id)  # the same id prefilled again: the newer pin wins
-        exported = self.source.pin(prompt_token_ids)
-        self._pinned[request_id] = (exported, self._clock() + self.ttl_s)
-        self.num_pinned_blocks += len(exported.blocks)
-        return exported
-
-    def take(self, request_id: str) -> ExportedPrefix:
-        """Hand a pinned prompt over to its sender: out of the table (no TTL any more), still pinned
-        until :meth:`release_taken`."""
-        entry = self._pinned.pop(request_id, None)
-        if entry is None:
-            raise KeyError(f"no prefilled prompt {request_id!r} is pinned here (never prefilled, "
-                           f"already pulled, or expired after {self.ttl_s:.0f} s)")
-        return entry[0]
-
-    def release_taken(self, exported: ExportedPrefix) -> None:
-        self.num_pinned_blocks -= len(exported.blocks)
-        self.source.release(exported)
-
-    def gather_and_release(self, request_id: str, indices: list[int]) -> torch.Tensor | None:
-        """The asked-for blocks' data (None if none asked), and the pin dropped: the data is a copy."""
-        exported = self.take(request_id)
-        try:
-            return self.source.gather(exported, indices) if indices else None
-        finally:
-            self.release_taken(exported)
-
-    def release(self, request_id: str) -> bool:
-        entry = self._pinned.pop(request_id, None)
-        if entry is not None:
-            self.release_taken(entry[0])
-        return entry is not None
-
-
-    def expire(self) -> None:
-        now = self._clock()
-        for rid in [rid for rid, (_, deadline) in self._pinned.items() if deadline <= now]:
-            self.release(rid)
-            self.num_expired += 1
-            log.warning("prefilled prompt %s was not pulled within %.0f s: unpinned", rid, self.ttl_s)
-
-    def release_all(self) -> None:
-        for rid in list(self._pinned):
-            self.release(rid)
-
-    def __len__(self) -> int:
-        return len(self._pinned)
-
 
 class PrefillLinks:
     """The links decode workers opened to this worker, met through one ``LinkStore`` it hosts."""
@@ -218,16 +158,18 @@ class PrefillLinks:
 class PrefillSide:
     """What a worker does as a KV source: ``open_link``, ``pull`` (the ``OpenKVLink`` / ``PullKV`` RPCs)."""
 
-    def __init__(self, engine: "AsyncEngine", host: str, config: DisaggConfig):
+    def __init__(self, engine: EngineAccess, host: str, config: DisaggConfig):
         self.engine, self.config = engine, config
-        self.links = PrefillLinks(host, engine.kv_device, config)
+        self.links = PrefillLinks(host, engine.kv_block_io.device, config)
         self.num_sent_blocks = 0
 
-    def open_link(self, link_id: str, peer_geometry: KVGeometry) -> pb.OpenKVLinkReply:
-        self.engine.kv_geometry.check_same(peer_geometry)
+    def open_link(self, link_id: str, peer_geometry: pb.KVGeometry) -> pb.OpenKVLinkReply:
+        """Raises ValueError if the peer's cache geometry is not this one's (or names no dtype we know)."""
+        io = self.engine.kv_block_io
+        io.geometry.check_same(geometry_from_pb(peer_geometry))
         self.links.open(link_id)
         return pb.OpenKVLinkReply(store_host=self.links.host, store_port=self.links.port,
-                                  backend=backend_for(self.engine.kv_device))
+                                  backend=backend_for(io.device))
 
     async def pull(self, request_id: str, link_id: str, indices: list[int], tag: int,
                    layers_per_chunk: int = 0) -> tuple[int, int]:
@@ -243,7 +185,7 @@ class PrefillSide:
         except Exception:  # no usable link: the prompt stays unsent, so do not keep it pinned either
             await self.engine.call(lambda _: exports.release(request_id))
             raise
-        io = self.engine.engine.kv_block_io
+        io = self.engine.kv_block_io
         if not indices or not layers_per_chunk or not isinstance(io, CacheBlockIO):
             data = await self.engine.call(lambda _: exports.gather_and_release(request_id, indices))
             # (Cancelled meanwhile, the gather still ran and unpinned the prompt: nothing is left to undo.)
@@ -313,7 +255,7 @@ class _Peer:
 class DecodeSide:
     """What a worker does as a KV sink: pull a request's missing blocks from its prefill worker."""
 
-    def __init__(self, engine: "AsyncEngine", config: DisaggConfig):
+    def __init__(self, engine: EngineAccess, config: DisaggConfig):
         self.engine, self.config = engine, config
         self._peers: dict[str, _Peer] = {}
         self._tags = itertools.count(1)
@@ -423,12 +365,12 @@ class DecodeSide:
         try:
             reply = await peer.stub.OpenKVLink(
                 pb.OpenKVLinkRequest(link_id=link_id, peer_worker=self.engine.worker_id,
-                                     geometry=geometry_to_pb(self.engine.kv_geometry)),
+                                     geometry=geometry_to_pb(self.engine.kv_block_io.geometry)),
                 timeout=self.config.rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise KVTransferError(f"OpenKVLink to {peer.endpoint} failed: {e.code().name}: {e.details()}") from None
         return await in_thread(KVLink.connect, link_id, 1, reply.store_host, reply.store_port,
-                               device=self.engine.kv_device, timeout=timedelta(seconds=self.config.link_timeout_s))
+                               device=self.engine.kv_block_io.device, timeout=timedelta(seconds=self.config.link_timeout_s))
 
     def _give_back(self, peer: _Peer, link: KVLink, ok: bool) -> None:
         if ok and link.broken is None:

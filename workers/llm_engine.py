@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch
 
-from .config import EngineConfig, resolve_dtype
+from .config import EngineConfig
+from .device import check_host_kv_fits, kernel_set, resolve_dtype, torch_device
 from .engine.core import EngineCore
 from .engine.kv_cache_manager import KVCacheManager
 from .engine.output_processor import OutputProcessor
@@ -33,7 +34,7 @@ CPU_MAX_MODEL_LEN = 8192
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        device = config.torch_device
+        device = torch_device(config)
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # Triton launches on the current device (this thread's)
         dtype = resolve_dtype(config.dtype, device)
@@ -46,15 +47,14 @@ class LLMEngine:
             self.tp = MultiprocTPExecutor(config, source)
             self.model = self.tp.model
         else:
-            self.model = load_model(source, dtype=dtype, device=device, ops=kernel_ops(config.kernel_set),
+            self.model = load_model(source, dtype=dtype, device=device, ops=kernel_ops(kernel_set(config)),
                                     load_format=config.load_format, seed=config.seed)
         mcfg = self.model.config
         self.model_config = mcfg
         self.max_model_len = config.max_model_len or min(
-            mcfg.max_position_embeddings, CPU_MAX_MODEL_LEN if device.type == "cpu" else 1 << 30)
-        if self.max_model_len > mcfg.max_position_embeddings:
-            raise ValueError(f"max_model_len ({self.max_model_len}) must be <= the model's "
-                             f"max_position_embeddings ({mcfg.max_position_embeddings})")
+            mcfg.max_context_len, CPU_MAX_MODEL_LEN if device.type == "cpu" else 1 << 30)
+        if self.max_model_len > mcfg.max_context_len:
+            raise ValueError(f"max_model_len ({self.max_model_len}) must be <= {mcfg.context_limit_reason()}")
         default_budget = 2048 if device.type == "cpu" else 8192
         budget = config.max_num_batched_tokens or (
             default_budget if config.enable_chunked_prefill else max(default_budget, self.max_model_len))
@@ -62,6 +62,9 @@ class LLMEngine:
                                   max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
                                   cuda_graphs=config.cuda_graphs)
         num_blocks = config.num_kv_blocks or self._fit_num_blocks(device, dtype, runner_cfg)
+        if device.type == "cpu":
+            check_host_kv_fits(num_blocks * kv_bytes_per_block(self.model, config.block_size, dtype),
+                               "num_kv_blocks" if config.num_kv_blocks else "kv_cache_memory_gb")
         self.num_kv_blocks = num_blocks
         self.eos_token_ids = frozenset(mcfg.eos_token_ids) | (
             self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset())
@@ -136,10 +139,7 @@ class LLMEngine:
         text, ids = self.encode_prompt(prompt)
         self.validate(ids, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        for i, child_id in enumerate(self.outputs.add(request_id, text, ids, params)):
-            # Siblings must not draw the same random numbers: seed + index, like vLLM.
-            child_params = params if params.n == 1 else params.replace(
-                n=1, seed=None if params.seed is None else params.seed + i)
+        for child_id, child_params in self.outputs.add(request_id, text, ids, params):  # the n fan-out
             self.core.add_request(Request(child_id, ids, child_params, self.eos_token_ids, priority))
         return request_id
 
@@ -156,6 +156,15 @@ class LLMEngine:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         if params.logprobs is not None and params.logprobs > 20:
             raise ValueError(f"logprobs must be <= 20, got {params.logprobs}")
+        too_big = self.scheduler.admission_error(len(ids), params.max_tokens)  # would wait forever
+        if too_big is not None:
+            raise too_big
+
+    @property
+    def max_request_len(self) -> int:
+        """The longest a request (prompt + generated tokens) can grow here: ``max_model_len``, or less
+        when an explicit ``num_kv_blocks`` makes the KV cache smaller. Routers are told this one."""
+        return self.scheduler.max_request_tokens
 
     def abort_request(self, request_id: str) -> None:
         self.core.finish_requests(self.outputs.abort(request_id), RequestStatus.FINISHED_ABORTED)

@@ -11,7 +11,7 @@ import random
 import statistics
 import time
 
-from .report import environment, format_table, write_json
+from .report import engine_settings, environment, format_table, write_json
 
 
 def decode_step_times(llm, prompt_len: int, decode_steps: int, seed: int = 0) -> list[float]:
@@ -68,7 +68,10 @@ def step_profile_ms(llm) -> dict[str, float]:
     return {"schedule": core.schedule_s / steps * 1e3, "execute": core.execute_s / steps * 1e3,
             "update": core.update_s / steps * 1e3, "runner_prepare": runner.prepare_s / steps * 1e3,
             "runner_forward": runner.forward_s / steps * 1e3, "runner_sample": runner.sample_s / steps * 1e3,
-            "runner_gpu": runner.gpu_s / steps * 1e3}
+            "runner_sample_launch": runner.sample_launch_s / steps * 1e3,
+            "runner_sample_wait": runner.sample_wait_s / steps * 1e3,
+            "runner_gpu": runner.gpu_s / steps * 1e3, "runner_gpu_forward": runner.gpu_forward_s / steps * 1e3,
+            "runner_gpu_sample": runner.gpu_sample_s / steps * 1e3}
 
 
 def roofline_bytes(model, context: int, dtype_bytes: int) -> tuple[int, int]:
@@ -84,7 +87,7 @@ def roofline_bytes(model, context: int, dtype_bytes: int) -> tuple[int, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from shoal.cluster.cli import add_engine_args
+    from shoal.cluster.flags import add_engine_args
 
     p.add_argument("--prompt-lens", default="128,1024,4096", help="comma-separated contexts")
     p.add_argument("--decode-steps", type=int, default=128)
@@ -96,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> dict:
     import torch
 
-    from shoal.cluster.cli import engine_kwargs
+    from shoal.cluster.flags import engine_kwargs
     from shoal.workers import LLM
 
     from . import ceilings
@@ -107,6 +110,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
         payload["ceilings"] = ceilings.measure()
         bandwidth = payload["ceilings"]["copy_bandwidth_GBps"] * 1e9
     llm = LLM(args.model, **engine_kwargs(args))
+    payload["engine_settings"] = engine_settings(llm.engine)
     dtype_bytes = next(llm.engine.model.parameters()).element_size()
     decode_step_times(llm, 32, 8)  # warm up
     rows = []

@@ -28,6 +28,38 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def engine_settings(engine) -> dict[str, Any]:
+    """The settings an ``LLMEngine`` actually runs with (after its defaults and GPU sizing), so a
+    benchmark's JSON can be compared with another run's without its log."""
+    from shoal.workers.device import kernel_set, torch_device
+
+    sched = engine.scheduler.config
+    runner = engine.runner
+    graphs = getattr(runner, "graphs", None)
+    cfg = engine.config
+    out = {
+        "max_num_seqs": sched.max_num_seqs,
+        "max_num_batched_tokens": sched.max_num_batched_tokens,
+        "max_model_len": engine.max_model_len,
+        "enable_chunked_prefill": sched.enable_chunked_prefill,
+        "scheduling_policy": sched.policy,
+        "block_size": cfg.block_size,
+        "num_kv_blocks": engine.num_kv_blocks,
+        "enable_prefix_caching": cfg.enable_prefix_caching,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
+        "kernels": kernel_set(cfg),
+        "device": str(torch_device(cfg)),
+        "cuda_graphs": graphs is not None,
+        "cuda_graph_sizes": sorted(graphs.graphs) if graphs is not None else [],
+    }
+    mode = getattr(graphs, "mode", None)
+    if mode is not None:
+        out["cuda_graph_mode"] = mode
+    return out
+
+
 def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, title: str = "") -> str:
     """A plain aligned table; floats get 4 significant digits (or thousands separators when large)."""
     if not rows:

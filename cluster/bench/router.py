@@ -99,6 +99,9 @@ class TimedHandle:
     async def get_info(self):
         return await self.inner.get_info()
 
+    async def get_metrics(self) -> str:
+        return await self.inner.get_metrics()
+
     async def health(self) -> bool:
         return await self.inner.health()
 
@@ -458,10 +461,9 @@ def prompts(n: int, words: int) -> list[str]:
 
 async def measure(endpoint: str, tokenizer, cfg: RouterBenchConfig, nodelay: bool = True) -> dict:
     """Serve the router here, run the client process against it and the worker; the summary."""
-    import uvicorn
-
     from shoal.router.app import create_app
     from shoal.router.config import RouterConfig
+    from shoal.router.host import RouterHost
     from shoal.router.worker_client import GrpcWorkerClient
     from shoal.router.worker_pool import make_pool
 
@@ -470,20 +472,16 @@ async def measure(endpoint: str, tokenizer, cfg: RouterBenchConfig, nodelay: boo
     routed = TimedHandle(GrpcWorkerClient("bench-worker", endpoint))
     pool.add(routed)
     app = create_app(config, pool, tokenizer)
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say so. Without it the first
-    # SSE chunk after the headers waits for the client's delayed ACK (~40 ms, Nagle).
+    # The host that shoal serve runs. IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that
+    # say so; without it the first SSE chunk after the headers waits for the client's delayed ACK
+    # (~40 ms, Nagle). nodelay=False makes such a socket to show that cost.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP if nodelay else 0)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    host = RouterHost(app, sock=sock)
     try:
-        while not server.started:
-            if serving.done():
-                serving.result()
-                raise RuntimeError("uvicorn stopped before it started")
-            await asyncio.sleep(0.01)
+        await host.start(60)
         texts = prompts(cfg.warmup + cfg.requests, cfg.prompt_words)
-        job = {"url": f"http://127.0.0.1:{sock.getsockname()[1]}", "endpoint": endpoint, "texts": texts,
+        job = {"url": host.url, "endpoint": endpoint, "texts": texts,
                "ids": [tokenizer.encode(t) for t in texts],  # what the router's tokenizer makes of them
                "max_tokens": cfg.max_tokens, "client": cfg.client}
         records = await run_client_process(job)
@@ -494,8 +492,7 @@ async def measure(endpoint: str, tokenizer, cfg: RouterBenchConfig, nodelay: boo
             summary["client_build_ms"] = {f"p{p:g}": percentile(build, p) * 1e3 for p in PERCENTILES}
         return summary
     finally:
-        server.should_exit = True
-        await asyncio.gather(serving, return_exceptions=True)
+        await host.stop()
         sock.close()
 
 
@@ -525,7 +522,7 @@ def _loop_factory():
 def run(cfg: RouterBenchConfig, model: str | None = None, tokenizer_path: str | None = None,
         device: str = "cpu", start_timeout_s: float = 300.0, nodelay: bool = True) -> dict:
     from shoal.cluster.worker_process import WorkerProcess
-    from shoal.workers.models.loader import smollm2_path, tokenizer_path as model_tokenizer
+    from shoal.workers.models.files import smollm2_path, tokenizer_path as model_tokenizer
     from shoal.workers.tokenizer import Tokenizer
 
     tok_path = tokenizer_path or (model_tokenizer(model) if model else None) or str(smollm2_path())

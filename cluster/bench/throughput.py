@@ -15,7 +15,7 @@ import math
 import random
 import time
 
-from .report import environment, format_table, write_json
+from .report import engine_settings, environment, format_table, write_json
 
 
 def workload_a(num_prompts: int, vocab: int, seed: int, lo: int = 100, hi: int = 1024):
@@ -84,7 +84,12 @@ def step_profile(engine) -> dict:
 def format_profile(profile: dict, elapsed: float) -> str:
     parts = ["schedule_s", "prepare_s", "forward_s", "sample_s", "update_s", "other_s"]
     rows = [{"part": k[:-2], "seconds": profile[k], "pct": 100 * profile[k] / elapsed} for k in parts]
-    rows.append({"part": "gpu busy (events)", "seconds": profile["gpu_s"], "pct": 100 * profile["gpu_s"] / elapsed})
+    for k, name in (("sample_launch_s", "  sample: lm_head + sampler launch"),
+                    ("sample_wait_s", "  sample: wait for the GPU"),
+                    ("gpu_s", "gpu busy (events)"), ("gpu_forward_s", "  gpu: forward"),
+                    ("gpu_sample_s", "  gpu: lm_head + sampling")):
+        if k in profile:
+            rows.append({"part": name, "seconds": profile[k], "pct": 100 * profile[k] / elapsed})
     title = (f"where the time went: {profile['steps']} steps ({profile['graph_steps']} graph, "
              f"{profile['eager_steps']} eager), {1e3 * elapsed / max(profile['steps'], 1):.2f} ms/step")
     return format_table(rows, ["part", "seconds", "pct"], title=title)
@@ -124,7 +129,7 @@ def run_hf(model, workload, max_new_tokens: int) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from shoal.cluster.cli import add_engine_args
+    from shoal.cluster.flags import add_engine_args
 
     p.add_argument("--workload", choices=["a", "b"], default="a")
     p.add_argument("--num-prompts", type=int, default=None, help="default: 256 for (a), 1000 for (b)")
@@ -141,8 +146,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> dict:
     import torch
 
-    from shoal.cluster.cli import engine_kwargs
+    from shoal.cluster.flags import engine_kwargs
     from shoal.workers import LLM
+    from shoal.workers.device import torch_device
     from shoal.workers.models.fusion import hf_state_dict
     from shoal.workers.models.loader import resolve_model
 
@@ -154,6 +160,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
     if torch.cuda.is_available() and not args.no_ceilings:
         payload["ceilings"] = ceilings.measure()
     llm = LLM(args.model, **engine_kwargs(args))
+    payload["engine_settings"] = engine_settings(llm.engine)
     vocab = llm.engine.model_config.vocab_size
     make = workload_a if args.workload == "a" else workload_b
     work = make(n, vocab, args.seed)
@@ -169,7 +176,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
         # Free the engine (and its KV cache) before HF loads the same weights.
         state = {k: v.cpu() for k, v in hf_state_dict(llm.engine.model).items()}
         dtype = next(llm.engine.model.parameters()).dtype
-        device = str(llm.engine.config.torch_device)
+        device = str(torch_device(llm.engine.config))
         hf_cfg = dict(resolve_model(args.model).hf_config)
         del llm
         gc.collect()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -38,9 +39,13 @@ class FakeLLM:
         self.ttft, self.itl = ttft, itl
         self.reset()
 
-    def reset(self, ttft: float | None = None, itl: float | None = None) -> None:
+    def reset(self, ttft: float | None = None, itl: float | None = None, hold: int = 0) -> None:
+        """``hold``: a stream sends nothing until that many are in flight at once (a barrier), so a
+        test of concurrency sees the overlap it asks for however slowly the client's requests arrive."""
         self.ttft = self.ttft if ttft is None else ttft
         self.itl = self.itl if itl is None else itl
+        self.hold = hold
+        self._gate: asyncio.Condition | None = None  # made on the server's loop, at first use
         self.arrivals: list[float] = []
         self.bodies: list[dict] = []
         self.session_headers: list[str | None] = []
@@ -92,6 +97,7 @@ class FakeLLM:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         try:
+            await self._barrier()
             cached = self.cached(tokens)
             if chat:  # a role-only first chunk, as OpenAI sends: not a token
                 yield _sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
@@ -111,6 +117,16 @@ class FakeLLM:
             yield "data: [DONE]\n\n"
         finally:
             self.in_flight -= 1
+
+
+    async def _barrier(self) -> None:
+        if self._gate is None:
+            self._gate = asyncio.Condition()
+        async with self._gate:
+            self._gate.notify_all()
+            # Bounded, so a client that never reaches `hold` fails the test's asserts instead of hanging.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._gate.wait_for(lambda: self.in_flight >= self.hold), 30)
 
 
 def _sse(obj: dict) -> str:
@@ -170,13 +186,15 @@ def test_metrics_follow_the_servers_delays(fake):
 
 
 def test_max_concurrency_caps_requests_in_flight(fake):
-    fake.reset(ttft=0.2, itl=0.001)  # long enough that every request waiting at the gate overlaps
+    # The fake holds every stream until `hold` are in flight: the peak is what the client allows,
+    # not what the machine's scheduling happens to overlap.
+    fake.reset(ttft=0.2, itl=0.001, hold=3)
     sessions = build_sessions(DatasetConfig("random", num_prompts=9, input_len=8, output_len=2))
     bench, s = run(sessions, base_url=fake.url, model=MODEL, max_concurrency=3)
     assert s["completed"] == 9
     assert fake.peak == 3 and bench.max_in_flight == 3
     assert s["duration_s"] >= 3 * 0.2  # three waves
-    fake.reset()
+    fake.reset(hold=9)
     bench, _ = run(sessions, base_url=fake.url, model=MODEL)  # no cap, infinite rate: all at once
     assert fake.peak == 9 and bench.max_in_flight == 9
 

@@ -18,51 +18,17 @@ from shoal.cluster.serve import make_workers
 from shoal.workers.disagg import DisaggConfig
 from shoal.workers.server import build_parser as worker_parser
 from shoal.workers.server import engine_from_args
+from shoal.workers.options import from_namespace
+from tests.cluster.serve_support import start_serve, wait_gone, worker_pids
 
 slow = pytest.mark.slow  # these load the real SmolLM2 in worker processes
 
 
-def start_serve(*extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shoal.cluster.cli", "serve", "--port", "0", "--device", "cpu",
-         "--num-kv-blocks", "256", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        m = re.search(r"ready on (http://\S+/v1)", line)
-        if m:
-            return proc, m.group(1)
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise AssertionError("shoal serve did not become ready:\n" + "".join(lines))
-
-
-def worker_pids(parent: subprocess.Popen) -> list[int]:
-    """The worker processes this ``shoal serve`` started (not other servers on the machine)."""
-    out = subprocess.run(["pgrep", "-P", str(parent.pid), "-f", "shoal.workers.server"],
-                         capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def wait_gone(pids: list[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read().lower()
-                   for p in pids):
-            return True
-        time.sleep(0.2)
-    return False
-
-
 @pytest.fixture(scope="module")
 def served():
-    proc, url = start_serve("--workers", "2")
-    yield proc, url
-    if proc.poll() is None:
-        proc.kill()
+    served = start_serve("--workers", "2")
+    yield served.proc, served.url
+    served.stop()
 
 
 @slow
@@ -92,7 +58,7 @@ def test_sigterm_stops_router_and_workers(served):
 
 @slow
 def test_workers_die_with_a_killed_parent():
-    proc, _ = start_serve("--workers", "1")
+    proc = start_serve("--workers", "1").proc
     pids = worker_pids(proc)
     assert len(pids) == 1
     proc.kill()  # no cleanup code runs in the parent
@@ -108,15 +74,17 @@ def test_disaggregated_serve_hands_prompts_from_prefill_to_decode():
 
     prompt = "The history of the city of Paris begins " + "long before the Romans arrived, " * 12
     body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
-    proc, url = start_serve("--workers", "1")
+    served = start_serve("--workers", "1")
+    proc, url = served.proc, served.url
     try:
         unified = httpx.post(f"{url}/completions", json={**body, "model": "smollm2-135m"}, timeout=60).json()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     # Non-default --kv-* settings: the worker processes must accept them (and the transfer still works).
-    proc, url = start_serve("--prefill-workers", "1", "--workers", "1", "--disagg-min-prefill-tokens", "32",
-                            "--kv-export-ttl", "20", "--kv-layers-per-chunk", "1")
+    served = start_serve("--prefill-workers", "1", "--workers", "1", "--disagg-min-prefill-tokens", "32",
+                         "--kv-export-ttl", "20", "--kv-layers-per-chunk", "1")
+    proc, url = served.proc, served.url
     try:
         roles = sorted(cmd[cmd.index("--role") + 1] for cmd in
                        (open(f"/proc/{p}/cmdline").read().split("\0") for p in worker_pids(proc)))
@@ -153,7 +121,7 @@ def test_kv_flags_reach_the_engine_a_serve_worker_builds():
     plain = build_parser().parse_args(["serve", "--model", "tiny-smollm2-vocab", "--load-format", "dummy"])
     flags = make_workers(plain)[0].engine_args
     assert not {"--kv-export-ttl", "--kv-link-timeout", "--kv-layers-per-chunk"} & set(flags)
-    assert worker_parser().parse_args(["--port", "0", *flags]).kv_export_ttl is None
+    assert from_namespace(DisaggConfig, worker_parser().parse_args(["--port", "0", *flags])) == DisaggConfig()
 
 
 @pytest.mark.parametrize("flag,value,message", [

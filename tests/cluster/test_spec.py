@@ -81,6 +81,20 @@ BAD = [
     (_set("pools.decode.engine.blok_size", 16),
      "pools.decode.engine.blok_size is not an EngineConfig field (did you mean 'block_size'?)"),
     (_set("pools.decode.engine.model", "x"), "pools.decode.engine.model is set once, by the top-level model"),
+    (_set("pools.decode.engine.tensor_parallel_size", 2),
+     "pools.decode.engine.tensor_parallel_size is set once, by the pool's tensor_parallel_size"),
+    (_set("pools.decode.engine.block_size", 3), "pools.decode.engine.block_size must be one of 1, 2, 4, 8, 16, 32, "
+                                                "64, 128, got 3"),
+    (_set("pools.decode.engine.max_num_seqs", "many"), "pools.decode.engine.max_num_seqs must be an integer, "
+                                                       "got 'many'"),
+    (_set("pools.decode.engine.gpu_memory_utilization", 1.5),
+     "pools.decode.engine.gpu_memory_utilization must be in (0, 1], got 1.5"),
+    (_set("pools.decode.engine.device", "tpu"),
+     "pools.decode.engine.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    (_set("pools.decode.engine.enable_prefix_caching", "yes"),
+     "pools.decode.engine.enable_prefix_caching must be true or false, got 'yes'"),
+    (_set("pools.decode.engine.max_model_len", 1), "pools.decode.engine.max_model_len must be >= 2, got 1"),
+    (_set("pools.decode.engine", []), "pools.decode.engine must be a mapping, got list"),
     (_set("pools.decode.engine.block_size", 32), "pools.decode.engine.block_size must equal pools.prefill's (16)"),
     (_set("pools.decode.resources_per_rank.GPU", -1), "pools.decode.resources_per_rank.GPU must be >= 0.0"),
     (_set("pools.decode.resources_per_rank.gpu", 1), "pools.decode.resources_per_rank.gpu is not a resources"),
@@ -204,19 +218,21 @@ def test_memory_quantities():
             parse_memory(bad)
 
 
-def test_engine_fields_match_engine_config():
-    """The torch-free table read from the source agrees with the real dataclass, defaults included."""
+def test_engine_fields_are_engine_configs():
     real = {f.name: f.default if f.default is not dataclasses.MISSING else ...
             for f in dataclasses.fields(EngineConfig)}
     assert dict(engine_fields()) == real
 
 
-def test_engine_config_builds_the_real_config_with_its_value_checks(example):
+def test_engine_config_builds_the_real_config(example):
     config = example.pools["decode"].engine_config(example.model)
     assert isinstance(config, EngineConfig)
     assert (config.model, config.block_size, config.max_num_seqs, config.kv_events) == ("smollm2-135m", 16, 256, True)
-    with pytest.raises(ValueError, match="block_size must be a power of two"):
-        PoolSpec(engine={"block_size": 3}).engine_config("m")  # names are checked on load, values here
+    pool = PoolSpec(tensor_parallel_size=2, engine={"kernels": "triton"})
+    assert pool.engine_config("m") == EngineConfig(model="m", tensor_parallel_size=2, kernels="triton")
+    assert pool.engine_option("tensor_parallel_size") == 2
+    with pytest.raises(SpecError, match=r"^engine.block_size must be one of 1, 2, 4"):
+        PoolSpec(engine={"block_size": 3})  # values are checked on load, by EngineConfig's declaration
 
 
 def test_load_spec_names_the_file_and_refuses_other_suffixes(tmp_path):

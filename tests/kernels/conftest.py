@@ -1,4 +1,10 @@
-"""Kernel tests run the Triton kernels on CPU through the interpreter, against ``kernels/reference.py``.
+"""Kernel tests: the Triton kernels against ``kernels/reference.py``.
+
+Without a GPU they run on CPU through the interpreter. With CUDA present they run **compiled** on the
+GPU: every tensor a test makes is made there (``torch.set_default_device("cuda")``, and a bare
+``torch.Generator()`` is a CUDA generator), so the kernels, the reference and the comparison all run on
+the device, with the strides and views the tests build. ``SHOAL_KERNEL_TESTS=interpret`` forces the
+interpreter on a GPU machine too (to check the interpreter path there).
 
 ``TRITON_INTERPRET`` must be set before triton is *imported*: triton's own ``@jit`` library functions
 (``tl.sum``, ``tl.max``, ...) are built as interpreted or compiled at that moment. So it is set here,
@@ -14,9 +20,12 @@ import os
 import sys
 
 import pytest
+import torch
 
 _IMPORTED_EARLY = "triton" in sys.modules
-os.environ["TRITON_INTERPRET"] = "1"
+COMPILED = torch.cuda.is_available() and os.environ.get("SHOAL_KERNEL_TESTS", "") != "interpret"
+if not COMPILED:
+    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 if importlib.util.find_spec("triton") is None:
@@ -30,10 +39,35 @@ def _interpreted() -> bool:
     return isinstance(tl.sum, InterpretedFunction)
 
 
-@pytest.fixture(autouse=True)
-def _triton_interpreter():
-    if _IMPORTED_EARLY and not _interpreted():
-        pytest.fail(
-            "triton was imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1; "
-            "set it in the environment (or in tests/conftest.py) when running without a GPU"
-        )
+def pytest_report_header(config):
+    return f"kernel tests: {'compiled on ' + torch.cuda.get_device_name() if COMPILED else 'Triton interpreter (CPU)'}"
+
+
+if COMPILED:
+    _Generator = torch.Generator
+
+    def _cuda_generator(device=None):
+        return _Generator(device=device if device is not None else "cuda")
+
+    @pytest.fixture(autouse=True)
+    def _on_the_gpu(monkeypatch):
+        if _interpreted():
+            pytest.fail("TRITON_INTERPRET=1 is set in the environment: unset it to run the kernel tests "
+                        "compiled, or set SHOAL_KERNEL_TESTS=interpret to run them interpreted")
+        monkeypatch.setattr(torch, "Generator", _cuda_generator)
+        torch.set_default_device("cuda")
+        try:
+            yield
+            torch.cuda.synchronize()  # an asynchronous kernel fault is this test's, not the next one's
+        finally:
+            torch.set_default_device(None)
+
+else:
+
+    @pytest.fixture(autouse=True)
+    def _triton_interpreter():
+        if _IMPORTED_EARLY and not _interpreted():
+            pytest.fail(
+                "triton was imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1; "
+                "set it in the environment (or in tests/conftest.py) when running without a GPU"
+            )

@@ -10,20 +10,19 @@ Two kinds of engine:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import socket
 import threading
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-import uvicorn  # noqa: E402
 
 from shoal.router.config import RouterConfig  # noqa: E402
 from shoal.router.app import create_app  # noqa: E402
+from shoal.router.host import RouterHost  # noqa: E402
 from shoal.router.local_worker import LocalWorker  # noqa: E402
 from shoal.router.worker_pool import make_pool  # noqa: E402
 from shoal.workers.tokenizer import Tokenizer  # noqa: E402
@@ -82,34 +81,35 @@ def make_tiny_engine(tiny_model_dir):
 
 
 class ServerThread:
-    """A real uvicorn server for ``app`` on 127.0.0.1 and a free port, in a background thread."""
+    """The router's own host (``RouterHost``: what ``shoal serve`` runs) for ``app`` on 127.0.0.1 and a
+    free port, on an event loop in a background thread. It serves at once (not waiting for a
+    healthy worker: tests decide what the pool holds); ``drain_timeout_s`` is the stop's drain."""
 
-    def __init__(self, app):
+    def __init__(self, app, drain_timeout_s: float = 5.0):
         self.app = app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
-                                       name=f"uvicorn-{self.port}")
+        self.host = RouterHost(app, "127.0.0.1", 0, drain_timeout_s=drain_timeout_s)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="router-host")
 
     def start(self) -> "ServerThread":
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
+        self._call(self.host.start(30, need_workers=False))
+        self.port = self.host.bound[1]
+        self.url = self.host.url
         return self
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
-        assert not self.thread.is_alive(), "uvicorn did not stop"
+    def _call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> int:
+        """Drain and close; -> how many requests the drain deadline cut."""
+        try:
+            return self._call(self.host.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(15)
+            assert not self.thread.is_alive(), "the router host did not stop"
+            self.loop.close()
 
 
 class Routers:
@@ -120,14 +120,15 @@ class Routers:
 
     def start(self, workers, tokenizer, policy: str = "round_robin", policy_options: dict | None = None,
               poll_interval_s: float = 0.2, **config):
-        """-> (url, app). ``workers``: AsyncEngines or LocalWorkers; ``config``: RouterConfig fields."""
+        """-> (url, app). ``workers``: AsyncEngines or worker handles (LocalWorker, GrpcWorkerClient);
+        ``config``: RouterConfig fields."""
         opts = dict(policy_options or {})
         if policy == "prefix_aware":
             opts.setdefault("block_size", BLOCK_SIZE)
         cfg = RouterConfig(placement=policy, placement_options=opts, health_interval_s=poll_interval_s, **config)
         pool = make_pool(cfg)
         for w in workers:
-            pool.add(w if isinstance(w, LocalWorker) else LocalWorker(w))
+            pool.add(w if hasattr(w, "get_load") else LocalWorker(w))  # an AsyncEngine is wrapped
         app = create_app(cfg, pool, tokenizer)
         server = ServerThread(app).start()
         self.servers.append(server)

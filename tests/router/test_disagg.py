@@ -14,16 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from shoal.router import disagg
 from shoal.router.app import create_app
 from shoal.router.config import RouterConfig
+from shoal.router.host import RouterHost
 from shoal.router.disagg import PrefillView, plan_disagg, rank_prefill
 from shoal.router.local_worker import LocalWorker
 from shoal.router.placement import PlacementRequest, make_policy
@@ -32,7 +31,7 @@ from shoal.router.worker_pool import WorkerPool, WorkerUnavailable, make_pool
 from shoal.workers.async_engine import AsyncEngine
 from shoal.workers.engine.sampling_params import SamplingParams
 from shoal.workers.protocol import GenerateRequest, WorkerLoad
-from shoal.workers.server import WorkerServicer, start_worker_server
+from shoal.workers.rpc.servicer import WorkerServicer, start_worker_server
 
 BS = 16  # the tiny engines' block size (conftest)
 
@@ -108,9 +107,9 @@ def test_prefill_choice_fewest_queued_tokens_then_a_stable_tie_break():
 def test_disagg_config_and_planner_validation():
     assert RouterConfig().disagg_min_prefill_tokens == 512
     assert RouterConfig(disagg_min_prefill_tokens=0).disagg_min_prefill_tokens == 0
-    with pytest.raises(ValueError, match=r"RouterConfig.disagg_min_prefill_tokens must be an int >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"RouterConfig.disagg_min_prefill_tokens must be >= 0, got -1"):
         RouterConfig(disagg_min_prefill_tokens=-1)
-    with pytest.raises(ValueError, match="disagg_min_prefill_tokens must be an int >= 0, got 1.5"):
+    with pytest.raises(ValueError, match="disagg_min_prefill_tokens must be an integer, got 1.5"):
         RouterConfig(disagg_min_prefill_tokens=1.5)
     with pytest.raises(ValueError, match="min_prefill_tokens must be >= 0, got -3"):
         plan_disagg(preq(10), ["d"], 0, [pview("p")], -3)
@@ -225,15 +224,9 @@ async def grpc_workers(*engines: AsyncEngine):
             await w.stop()
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):  # pytest owns the signals
-        yield
-
-
 @contextlib.asynccontextmanager
 async def router(workers: list[GrpcWorker], tok, **config):
-    """A router app on real uvicorn in this loop: -> (url, app). Polls rarely: the tests decide when
+    """A router app on its RouterHost in this loop: -> (url, app). Polls rarely: the tests decide when
     a worker is seen failing. It closes the workers' clients at the end (its lifespan closes the pool)."""
     config.setdefault("health_interval_s", 60.0)
     cfg = RouterConfig(placement="prefix_aware", placement_options={"block_size": BS}, **config)
@@ -241,21 +234,12 @@ async def router(workers: list[GrpcWorker], tok, **config):
     for w in workers:
         pool.add(w.client)
     app = create_app(cfg, pool, tok)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    host = RouterHost(app, "127.0.0.1", 0, drain_timeout_s=5.0)
+    await host.start(30, need_workers=False)
     try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("uvicorn did not start")
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+        yield host.url, app
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
-        sock.close()
+        await asyncio.wait_for(host.stop(), 30)
 
 
 async def complete(url: str, ids, max_tokens: int = 8, **extra) -> httpx.Response:

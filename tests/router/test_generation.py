@@ -14,7 +14,7 @@ from shoal.workers.engine.sampling_params import SamplingParams
 def _generation() -> Generation:
     ctx = SimpleNamespace(clock=time.monotonic, config=SimpleNamespace(request_timeout_s=60.0))
     gen = Generation(ctx, "completions", [], SamplingParams(max_tokens=4), 1, None, 0)
-    gen._open = 1  # one child that has not ended
+    gen.events.expect(1)  # one child that has not ended
     return gen
 
 
@@ -26,11 +26,11 @@ def test_a_cancel_that_races_a_ready_event_is_not_lost():
         gen = _generation()
         waiter = asyncio.ensure_future(gen.next_event())
         await asyncio.sleep(0)  # now blocked on the queue
-        gen._queue.put_nowait(SimpleNamespace(finished=False, error=None))
+        gen.events.put(SimpleNamespace(finished=False, error=None))
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
-        assert gen._queue.qsize() == 1  # the event stays queued for whoever reads next
+        assert gen.events.queued == 1  # the event stays queued for whoever reads next
 
     asyncio.run(main())
 

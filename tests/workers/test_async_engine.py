@@ -21,7 +21,7 @@ def aengine(tiny_checkpoints):
     eng = AsyncEngine(LLMEngine(cfg)).start()
     yield eng
     eng.shutdown()
-    assert not eng._thread.is_alive()
+    assert not eng.running
 
 
 def greedy(n: int) -> SamplingParams:

@@ -24,7 +24,7 @@ from shoal.workers.llm_engine import LLMEngine
 from shoal.workers.protocol import GenerateRequest, KVHandle
 from shoal.workers.rpc import codec
 from shoal.workers.rpc import worker_pb2_grpc as pb_grpc
-from shoal.workers.server import start_worker_server
+from shoal.workers.rpc.servicer import start_worker_server
 
 BLOCK = 16
 ENGINE = dict(device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=48, block_size=BLOCK,

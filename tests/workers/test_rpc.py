@@ -28,7 +28,7 @@ from shoal.workers.protocol import (
 from shoal.workers.rpc import codec
 from shoal.workers.rpc import worker_pb2 as pb
 from shoal.workers.rpc import worker_pb2_grpc as pb_grpc
-from shoal.workers.server import start_worker_server
+from shoal.workers.rpc.servicer import start_worker_server
 
 ENGINE_ARGS = dict(device="cpu", dtype="float32", max_model_len=512, num_kv_blocks=96, block_size=8)
 
@@ -293,7 +293,7 @@ def test_kv_events_snapshot_then_consecutive_deltas(aengine):
             assert set(block_hashes(prompt, 8)) <= set(snap2.block_hashes) and snap2.seq >= seq
             await events.aclose()
             await second.aclose()
-            await wait_until(lambda: not aengine._subscribers, 2.0, "unsubscribe on the worker")
+            await wait_until(lambda: aengine.num_kv_subscribers == 0, 2.0, "unsubscribe on the worker")
 
     asyncio.run(main())
 
@@ -325,8 +325,8 @@ def test_health_follows_the_engine_loop_not_the_server(tiny_path):
 
 
 class EngineThreadClock:
-    """Real time, except that the engine thread can be made to see time stand still: its heartbeat
-    stops advancing, which is exactly how a wedged step looks to ``AsyncEngine.alive()``."""
+    """Real time, except that the engine thread can be made to see a frozen time: a step it begins
+    then looks as if it began long ago, which is how a wedged step looks to ``AsyncEngine.alive()``."""
 
     def __init__(self):
         self.frozen_at: float | None = None
@@ -345,13 +345,18 @@ def test_a_wedged_engine_loop_ends_open_streams(tiny_path):
         async with serving(engine) as client:
             events = client.kv_events()
             assert (await events.__anext__()).kind == "snapshot"
-            clock.frozen_at = time.monotonic() - 60  # no heartbeat for a minute
+            # A step (here: an engine-thread call that blocks) that began 200 s ago and has not ended.
+            # An idle loop is never wedged, however long it waits: only work in progress can be.
+            gate = threading.Event()
+            clock.frozen_at = time.monotonic() - 200
+            engine.call_soon(lambda _: gate.wait(30))
             t0 = time.monotonic()
             with pytest.raises(WorkerUnavailable, match="not running"):
                 await asyncio.wait_for(events.__anext__(), 5)  # the server's watchdog, not this timeout
             assert time.monotonic() - t0 < 3.0
             assert not await client.health()
             clock.frozen_at = None
+            gate.set()
             await wait_until(engine.alive, 1.0, "heartbeat")
             assert await client.health()
 

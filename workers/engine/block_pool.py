@@ -27,6 +27,18 @@ class KVBlock:
     reused: bool = False  # its cached prefix was hit since it was cached (protected when free)
 
 
+@dataclass(frozen=True, slots=True)
+class BlockCounts:
+    """The pool's books at one moment. ``in_use + free == total``; ``cached`` overlaps both (a cached
+    block is held by a request or waits evictable in a free queue). At rest (no request, no pin, no
+    import) ``in_use == 0``: anything else is a leak."""
+
+    total: int
+    free: int  # can be handed out now: never-cached and evictable cached blocks
+    cached: int  # hold a prefix-cache hash
+    in_use: int  # ref_cnt > 0: held by running requests, pinned exports or imports
+
+
 @dataclass(frozen=True)
 class KVEvent:
     """A change in the set of cached block hashes (what the router's prefix index follows)."""
@@ -61,6 +73,15 @@ class BlockPool:
     @property
     def num_cached_blocks(self) -> int:
         return len(self._cached)
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks some owner holds (``ref_cnt > 0``)."""
+        return self.num_blocks - self.num_free_blocks
+
+    def counts(self) -> BlockCounts:
+        free = self.num_free_blocks
+        return BlockCounts(self.num_blocks, free, len(self._cached), self.num_blocks - free)
 
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks

@@ -7,7 +7,7 @@ request scheduled in the same step (an ``n > 1`` sibling) may already reuse it.
 
 from __future__ import annotations
 
-from .block_pool import BlockPool, KVBlock
+from .block_pool import BlockCounts, BlockPool, KVBlock
 from .request import Request
 
 
@@ -29,6 +29,10 @@ class KVCacheManager:
 
     def usage(self) -> float:
         return self.pool.usage()
+
+    def block_counts(self) -> BlockCounts:
+        """Total / free / cached / in-use blocks of the pool (what metrics and leak checks read)."""
+        return self.pool.counts()
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table (the manager's own list: do not modify)."""

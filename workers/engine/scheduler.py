@@ -14,6 +14,7 @@ from .kv_cache_manager import KVCacheManager
 from .outputs import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                       SchedulerOutput)
 from .request import Request, RequestStatus
+from .sampling_params import InvalidParam
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,38 @@ class Scheduler:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self._enqueue(request)
+
+    @property
+    def max_request_tokens(self) -> int:
+        """The most tokens one request can ever hold: every block of the KV cache (its pool), or
+        ``max_model_len`` if that is less."""
+        return min(self.kv_cache.pool.num_blocks * self.kv_cache.block_size, self.config.max_model_len)
+
+    def admission_error(self, num_prompt_tokens: int, max_tokens: int | None) -> InvalidParam | None:
+        """Why a request of this size can never run here, or None.
+
+        A request grows to ``min(prompt + max_tokens, max_model_len)`` tokens (max_tokens None: to
+        ``max_model_len``) and must hold all of them in the KV cache at once. One that cannot would sit
+        at the head of the waiting queue forever (or preempt itself over and over) and hold up every
+        request behind it, so it is refused before it is queued, naming the field to change.
+        """
+        capacity = self.kv_cache.pool.num_blocks * self.kv_cache.block_size
+        max_len = self.config.max_model_len
+        longest = max_len if max_tokens is None else min(num_prompt_tokens + max_tokens, max_len)
+        if longest <= capacity:
+            return None
+        cache = (f"this worker's KV cache holds at most {capacity} tokens "
+                 f"({self.kv_cache.pool.num_blocks} blocks of {self.kv_cache.block_size})")
+        if num_prompt_tokens + 1 > capacity:
+            return InvalidParam("prompt", f"prompt: {num_prompt_tokens} tokens plus one generated token do not "
+                                          f"fit: {cache}")
+        room = capacity - num_prompt_tokens
+        if max_tokens is None:
+            return InvalidParam("max_tokens", f"max_tokens: unset, so the request may grow to max_model_len "
+                                              f"({max_len}) tokens, but {cache}; set max_tokens <= {room}")
+        return InvalidParam("max_tokens", f"max_tokens: the prompt's {num_prompt_tokens} tokens plus max_tokens "
+                                          f"({max_tokens}) need {longest} tokens, but {cache}; max_tokens must "
+                                          f"be <= {room} for this prompt")
 
     def finish_requests(self, request_ids, status: RequestStatus) -> list[Request]:
         """End requests from outside the step (abort, a stop string found by the detokenizer)."""

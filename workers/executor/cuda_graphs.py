@@ -16,8 +16,10 @@ from shoal.workers.models.llama import KVCache, LlamaForCausalLM
 from .input_buffers import InputBuffers
 
 
-def default_capture_sizes(max_num_seqs: int, limit: int = 256) -> list[int]:
-    sizes = [1, 2, 4] + list(range(8, 257, 8))
+def default_capture_sizes(max_num_seqs: int, limit: int = 512) -> list[int]:
+    """Batch sizes to capture: 1, 2, 4, every 8 to 256, every 16 to 512 (vLLM's largest), up to
+    ``max_num_seqs``; a decode batch pads up to the next one (at most 15 dummy rows)."""
+    sizes = [1, 2, 4] + list(range(8, 257, 8)) + list(range(272, 513, 16))
     return [s for s in sizes if s <= min(max_num_seqs, limit)]
 
 

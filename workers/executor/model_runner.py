@@ -45,8 +45,12 @@ class RunnerTimes:
 
     prepare_s: float = 0.0  # host: states, numpy inputs, uploads
     forward_s: float = 0.0  # host: launching the model (all of it on CPU, where nothing is async)
-    sample_s: float = 0.0  # host: logits + sampler, including the wait for the sampled ids
+    sample_s: float = 0.0  # host: logits + sampler + the wait for the sampled ids (the two below)
+    sample_launch_s: float = 0.0  # host: queuing lm_head and the sampler (on CPU: running them)
+    sample_wait_s: float = 0.0  # host: blocked until the GPU has the sampled ids (forward included)
     gpu_s: float = 0.0
+    gpu_forward_s: float = 0.0  # device: the model up to the hidden states (CUDA events)
+    gpu_sample_s: float = 0.0  # device: lm_head + sampler + the ids' copy back
     graph_steps: int = 0
     eager_steps: int = 0
 
@@ -97,6 +101,8 @@ class ModelRunner:
                                     -(-config.max_model_len // config.block_size), device)
         self.times = RunnerTimes()
         self._pending_events: tuple | None = None
+        # The sampled ids come back through pinned memory: the step's one host sync is on an event.
+        self._ids_host = torch.empty(max_seqs, dtype=torch.int64, pin_memory=device.type == "cuda")
         self.graphs: DecodeGraphs | None = None
         if config.cuda_graphs and device.type == "cuda":
             self.graphs = DecodeGraphs(model, kv_caches, self.buffers, config.block_size,
@@ -119,19 +125,29 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
             self.times.eager_steps += 1
         t2 = time.perf_counter()
+        mid = self._gpu_event(events)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab]
         rows = [self._sampling_row(self.requests[rid]) for rid in sampling_ids]
-        out = self.sampler(logits, rows)  # reads the ids back: the step's one host sync
-        self._gpu_events_end(events)
+        ids_dev = self.sampler.sample_ids(logits, rows)
+        n = len(rows)
+        ids_host = self._ids_host[:n]
+        ids_host.copy_(ids_dev, non_blocking=self.device.type == "cuda")
+        t3 = time.perf_counter()
+        self._gpu_events_end(events, mid)  # its end event is what the host waits on
+        token_ids = ids_host.tolist()
+        t4 = time.perf_counter()
+        wanted = any(r.params.logprobs is not None for r in rows)
+        lps = self.sampler.logprobs(logits, rows, ids_dev) if wanted else None
         t = self.times
-        t.prepare_s, t.forward_s, t.sample_s = (t.prepare_s + t1 - t0, t.forward_s + t2 - t1,
-                                                t.sample_s + time.perf_counter() - t2)
+        t.prepare_s, t.forward_s = t.prepare_s + t1 - t0, t.forward_s + t2 - t1
+        t.sample_launch_s, t.sample_wait_s = t.sample_launch_s + t3 - t2, t.sample_wait_s + t4 - t3
+        t.sample_s += time.perf_counter() - t2
         logprobs = {}
         for i, rid in enumerate(sampling_ids):
-            self.requests[rid].token_ids.append(out.token_ids[i])
-            if out.logprobs[i] is not None:
-                logprobs[rid] = out.logprobs[i]
-        return ModelRunnerOutput(dict(zip(sampling_ids, out.token_ids)), logprobs)
+            self.requests[rid].token_ids.append(token_ids[i])
+            if lps is not None and lps[i] is not None:
+                logprobs[rid] = lps[i]
+        return ModelRunnerOutput(dict(zip(sampling_ids, token_ids)), logprobs)
 
     def _gpu_events_start(self):
         if self.device.type != "cuda":
@@ -140,15 +156,28 @@ class ModelRunner:
         start.record()
         return start
 
-    def _gpu_events_end(self, start) -> None:
+    @staticmethod
+    def _gpu_event(start):
+        if start is None:
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def _gpu_events_end(self, start, mid=None) -> None:
+        """Record the step's end event and wait on it (the sampled ids' copy is queued before it)."""
         if start is None:
             return
         end = torch.cuda.Event(enable_timing=True)
         end.record()
-        if self._pending_events is not None:  # last step's pair has surely finished by now
-            s, e = self._pending_events
+        end.synchronize()
+        if self._pending_events is not None:  # last step's events: read a step late, no extra waits
+            s, m, e = self._pending_events
             self.times.gpu_s += s.elapsed_time(e) / 1e3
-        self._pending_events = (start, end)
+            if m is not None:
+                self.times.gpu_forward_s += s.elapsed_time(m) / 1e3
+                self.times.gpu_sample_s += m.elapsed_time(e) / 1e3
+        self._pending_events = (start, mid, end)
 
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_request_ids:

@@ -224,6 +224,15 @@ class Sampler:
             raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}")
         if not rows:
             return SamplerOutput([], [])
+        token_ids = self.sample_ids(logits, rows)
+        ids = token_ids.tolist()
+        return SamplerOutput(ids, self.logprobs(logits, rows, token_ids))
+
+    def sample_ids(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """The sampled ids as a device tensor [B], queued without waiting for the GPU (the model
+        runner copies them back itself, so it can tell the wait for the GPU from sampling)."""
+        if not rows:
+            return torch.empty(0, dtype=torch.int64, device=logits.device)
         x = apply_penalties(logits, rows)  # float32 copy
         apply_min_tokens(x, rows)
         greedy = [r.params.greedy for r in rows]
@@ -233,9 +242,13 @@ class Sampler:
             if token_ids is None:
                 token_ids = sampled
             else:
-                token_ids = torch.where(torch.tensor(greedy, device=x.device), token_ids, sampled)
-        ids = token_ids.tolist()
-        return SamplerOutput(ids, _logprobs(logits, rows, token_ids))
+                token_ids = torch.where(_to_device(greedy, torch.bool, x.device), token_ids, sampled)
+        return token_ids
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 token_ids: torch.Tensor) -> list[TokenLogprobs | None]:
+        return _logprobs(logits, rows, token_ids)
 
     def _sample(self, x: torch.Tensor, rows: Sequence[SamplingRow], greedy: list[bool]) -> torch.Tensor:
         """Random rows' tokens (greedy rows get a meaningless value); ``x`` is consumed."""
@@ -243,8 +256,12 @@ class Sampler:
         dev = x.device
         ps = [r.params for r in rows]
         # Greedy rows get neutral values so the batch stays one tensor; their result is discarded.
-        temp = torch.tensor([1.0 if g else p.temperature for p, g in zip(ps, greedy)], dtype=torch.float32)
-        x.div_(temp.to(dev).unsqueeze(1))
+        temps = [1.0 if g else p.temperature for p, g in zip(ps, greedy)]
+        if min(temps) == max(temps):  # one temperature for the batch (the common case): no upload
+            if temps[0] != 1.0:
+                x.div_(temps[0])
+        else:
+            x.div_(_to_device(temps, torch.float32, dev).unsqueeze(1))
         if any(p.min_p > 0 for p in ps):
             apply_min_p(x, [p.min_p for p in ps])
         apply_top_k_top_p(x, [p.top_k for p in ps], [p.top_p for p in ps])
@@ -268,6 +285,14 @@ class Sampler:
                     q[i].exponential_(generator=r.generator)
         # A draw of exactly 0 would turn a masked token's 0/0 into NaN, which argmax picks.
         return q.clamp_min_(torch.finfo(q.dtype).tiny)
+
+
+def _to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-step tensor on ``device``. A copy from pageable host memory waits for the whole
+    stream (the forward in flight) before it starts; from pinned memory it is queued like a kernel."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _logprobs(

@@ -31,7 +31,8 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  (see below)
 import torch.multiprocessing as mp
 
-from shoal.workers.config import EngineConfig, resolve_dtype
+from shoal.workers.config import EngineConfig
+from shoal.workers.device import kernel_set, resolve_dtype, torch_device
 from shoal.workers.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from shoal.workers.models.config import ModelConfig
 from shoal.workers.models.loader import ModelSource, resolve_model
@@ -69,7 +70,7 @@ class Rendezvous:
 
 
 def rank_device(config: EngineConfig, rank: int) -> torch.device:
-    device = config.torch_device
+    device = torch_device(config)
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
@@ -122,7 +123,7 @@ class TPRank:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model = load_model_shard(
             source or resolve_model(config.model), dtype=self.dtype, device=self.device,
-            ops=kernel_ops(config.kernel_set), rank=group.rank, world_size=group.world_size,
+            ops=kernel_ops(kernel_set(config)), rank=group.rank, world_size=group.world_size,
             load_format=config.load_format, seed=config.seed)
         self.runner: ModelRunner | None = None
         self.num_diverged = 0  # tokens where this rank's sampler disagreed with rank 0's
@@ -233,7 +234,7 @@ def run_worker(config: EngineConfig, rank: int, rdv: Rendezvous) -> None:
 
 
 def _spawned_worker(config: EngineConfig, rank: int, rdv: Rendezvous, num_threads: int) -> None:
-    if config.torch_device.type == "cpu":
+    if torch_device(config).type == "cpu":
         torch.set_num_threads(num_threads)  # N ranks share the machine's cores
     run_worker(config, rank, rdv)
 
@@ -251,7 +252,7 @@ class MultiprocTPExecutor:
         ws = config.tensor_parallel_size
         source = source or resolve_model(config.model)
         tp_layout(ModelConfig.from_hf(source.hf_config), 0, ws)  # a model that cannot split fails here
-        device = config.torch_device
+        device = torch_device(config)
         if device.type == "cuda" and (device.index not in (None, 0) or torch.cuda.device_count() < ws):
             raise ValueError(f"tensor_parallel_size={ws} uses cuda:0..cuda:{ws - 1}: device must be 'cuda' "
                              f"and {ws} GPUs visible (got device={config.device!r}, "

@@ -33,6 +33,10 @@ class ModelConfig:
     qk_norm: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # Mistral-style sliding-window attention: each token attends to the last `sliding_window` only.
+    # The engine attends to the whole context, which is the same thing up to the window, so a model
+    # with a window is served up to it and no further (see max_context_len), never wrongly past it.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -45,6 +49,8 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ValueError(f"model config head_dim must be even (rotary), got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"model config sliding_window must be >= 1 or null, got {self.sliding_window}")
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
@@ -64,6 +70,8 @@ class ModelConfig:
             if kind not in ("default", "llama3"):
                 raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, llama3")
             scaling = None if kind == "default" else dict(scaling)
+        # Qwen2 configs name a window but switch it off with use_sliding_window: false.
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         return cls(
@@ -84,7 +92,22 @@ class ModelConfig:
             qk_norm=qk_norm,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            sliding_window=window,
         )
+
+    @property
+    def max_context_len(self) -> int:
+        """The longest sequence the engine computes exactly: the positions the model knows, and no
+        more than its attention window (past it, full attention would differ from the model's)."""
+        if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
+            return self.sliding_window
+        return self.max_position_embeddings
+
+    def context_limit_reason(self) -> str:
+        if self.max_context_len < self.max_position_embeddings:
+            return (f"the model's sliding_window ({self.sliding_window}; shoal computes full attention, which "
+                    f"equals the model's only within its window)")
+        return f"the model's max_position_embeddings ({self.max_position_embeddings})"
 
     @property
     def num_kv_groups(self) -> int:

@@ -171,6 +171,7 @@ class GGUFCheckpoint:
             "rope_theta": rope_theta,
             "rope_scaling": self._rope_scaling(rope_theta, head_dim),
             "max_position_embeddings": self._arch_key("context_length"),
+            "sliding_window": self._arch_key("attention.sliding_window", None),
             # llama.cpp writes output.weight only when it differs from the embedding matrix.
             "tie_word_embeddings": "output.weight" not in self._tensors,
             "attention_bias": any(name.endswith(".attn_q.bias") for name in self._tensors),

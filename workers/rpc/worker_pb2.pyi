@@ -171,6 +171,12 @@ class WorkerInfo(_message.Message):
     tensor_parallel_size: int
     def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., role: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
+class MetricsText(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
+
 class KVEventsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -54,6 +54,11 @@ class WorkerStub:
                 request_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.Empty.SerializeToString,
                 response_deserializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.WorkerInfo.FromString,
                 _registered_method=True)
+        self.GetMetrics = channel.unary_unary(
+                '/shoal.worker.v1.Worker/GetMetrics',
+                request_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.Empty.SerializeToString,
+                response_deserializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.MetricsText.FromString,
+                _registered_method=True)
         self.KVEvents = channel.unary_stream(
                 '/shoal.worker.v1.Worker/KVEvents',
                 request_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.KVEventsRequest.SerializeToString,
@@ -112,6 +117,13 @@ class WorkerServicer:
 
     def GetInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMetrics(self, request, context):
+        """The engine's Prometheus series (vLLM's names and shoal's own), as text exposition format 0.0.4.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -184,6 +196,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.Empty.FromString,
                     response_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.WorkerInfo.SerializeToString,
+            ),
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.Empty.FromString,
+                    response_serializer=shoal_dot_workers_dot_rpc_dot_worker__pb2.MetricsText.SerializeToString,
             ),
             'KVEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.KVEvents,
@@ -324,6 +341,33 @@ class Worker:
             '/shoal.worker.v1.Worker/GetInfo',
             shoal_dot_workers_dot_rpc_dot_worker__pb2.Empty.SerializeToString,
             shoal_dot_workers_dot_rpc_dot_worker__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.worker.v1.Worker/GetMetrics',
+            shoal_dot_workers_dot_rpc_dot_worker__pb2.Empty.SerializeToString,
+            shoal_dot_workers_dot_rpc_dot_worker__pb2.MetricsText.FromString,
             options,
             channel_credentials,
             insecure,
