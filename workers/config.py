@@ -47,9 +47,11 @@ class EngineConfig:
     kv_cache_memory_gb: float = option(2.0, "CPU: GiB for the KV cache", exclusive_minimum=0)
     gpu_memory_utilization: float = option(0.9, "GPU: fraction of total memory the engine may use",
                                            exclusive_minimum=0, maximum=1)
-    max_num_seqs: int = option(256, "sequences running at once", minimum=1)
+    max_num_seqs: int | None = option(None, "sequences running at once; default: 1024 on GPU, 256 on CPU",
+                                      minimum=1)
     max_num_batched_tokens: int | None = option(
-        None, "token budget of one step; default: max(8192, max_model_len) on GPU, 2048 on CPU", minimum=1)
+        None, "token budget of one step; default: 16384 on GPU, 2048 on CPU (without chunked prefill, at "
+              "least max_model_len)", minimum=1)
     enable_chunked_prefill: bool = option(True, "split long prompts over steps (else a step's budget "
                                                 "must hold a whole prompt)", flag="--chunked-prefill")
     scheduling_policy: str = option("fcfs", "'priority': lower request priority first, then arrival",

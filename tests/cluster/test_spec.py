@@ -85,8 +85,8 @@ BAD = [
      "pools.decode.engine.tensor_parallel_size is set once, by the pool's tensor_parallel_size"),
     (_set("pools.decode.engine.block_size", 3), "pools.decode.engine.block_size must be one of 1, 2, 4, 8, 16, 32, "
                                                 "64, 128, got 3"),
-    (_set("pools.decode.engine.max_num_seqs", "many"), "pools.decode.engine.max_num_seqs must be an integer, "
-                                                       "got 'many'"),
+    (_set("pools.decode.engine.max_num_seqs", "many"), "pools.decode.engine.max_num_seqs must be an integer or "
+                                                       "null, got 'many'"),
     (_set("pools.decode.engine.gpu_memory_utilization", 1.5),
      "pools.decode.engine.gpu_memory_utilization must be in (0, 1], got 1.5"),
     (_set("pools.decode.engine.device", "tpu"),

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The H200 runs of 2026-12-02 (issue 15), on the device machine, from the repo root:
+#   bash docs/benchmarks/h200-2026-12-02.sh STEP...     (results under $OUT, tarred into $OUT/results.tgz)
+# STEP: tests | gputests | base | limits | profile | latency  (each writes its logs and JSON as it finishes).
+# The image lacks gguf: .whl/ holds its wheel (carried); shoal itself runs from this checkout.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT/r" /tmp/site/shoal
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/gguf-*.whl || exit 1
+for d in cluster kernels router workers; do ln -sfn "$PWD/$d" /tmp/site/shoal/$d; done
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+mkdir -p /tmp/site/bin
+printf '#!/bin/sh\nexec python3 -c "import sys; from shoal.cluster.cli import main; sys.exit(main())" "$@"\n' > /tmp/site/bin/shoal
+chmod +x /tmp/site/bin/shoal
+export PATH=/tmp/site/bin:$PATH
+pack() { tar -czf "$OUT/results.tgz" -C "$OUT" r; }
+step() {  # step NAME TIMEOUT CMD...: run, log, pack
+  local name=$1 t=$2; shift 2
+  echo "=== $name: $*" | tee -a "$OUT/r/summary.txt"
+  local s=$SECONDS
+  timeout "$t" "$@" > "$OUT/r/$name.log" 2>&1; local rc=$?
+  echo "=== $name rc=$rc $((SECONDS - s)) s" | tee -a "$OUT/r/summary.txt"
+  tail -n 25 "$OUT/r/$name.log"
+  pack
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv > "$OUT/r/gpu.txt" 2>&1
+for s in "$@"; do
+  case $s in
+    tests)
+      step kernels-compiled 240 python3 -m pytest -q -p no:cacheprovider tests/kernels
+      step kernels-interpret 300 env SHOAL_KERNEL_TESTS=interpret python3 -m pytest -q -p no:cacheprovider tests/kernels
+      step gpu-tests 240 python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
+    gputests)
+      step gpu-tests 240 python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
+    base)
+      step a 200 shoal bench throughput --workload a --hf-subset 0 --result-file "$OUT/r/a.json"
+      step b 240 shoal bench throughput --workload b --model llama-3.1-8b --hf-subset 0 --result-file "$OUT/r/b.json" ;;
+    latency)
+      step latency 200 shoal bench latency --prompt-lens 128 --decode-steps 256 --result-file "$OUT/r/latency.json" ;;
+    limits)
+      step a-limits 200 shoal bench throughput --workload a --hf-subset 0 --max-num-seqs 1024 --max-num-batched-tokens 16384 --result-file "$OUT/r/a-limits.json"
+      step b-limits 240 shoal bench throughput --workload b --model llama-3.1-8b --hf-subset 0 --max-num-seqs 1024 --max-num-batched-tokens 16384 --result-file "$OUT/r/b-limits.json" ;;
+    profile)
+      step a-prof 200 shoal bench throughput --workload a --hf-subset 0 --no-ceilings --profile-kernels 256 --result-file "$OUT/r/a-prof.json" ;;
+  esac
+done
