@@ -48,46 +48,78 @@ def bind_socket(host: str, port: int, *, flag: str = "--port") -> socket.socket:
     return sock
 
 
+class _HeaderTimer:
+    """The timer of one connection: armed when a request begins, disarmed when its headers are in."""
+
+    def __init__(self, loop, timeout_s: float, transport) -> None:
+        self.loop, self.timeout_s, self.transport = loop, timeout_s, transport
+        self.handle = None
+
+    def arm(self) -> None:
+        if self.handle is None:
+            self.handle = self.loop.call_later(self.timeout_s, self._late)
+
+    def disarm(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _late(self) -> None:
+        self.handle = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
 def _header_timeout_protocol(timeout_s: float):
-    """uvicorn's HTTP protocol, closing a connection whose request headers take longer than
-    ``timeout_s`` to arrive (from connect, or from the first byte of a later request on it): a few
-    slow-header clients must not hold the server. Slow *bodies* are the app's (``body_timeout_s``)."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    """uvicorn's HTTP protocol (httptools when installed, else h11: what uvicorn itself picks), closing
+    a connection whose request headers take longer than ``timeout_s`` to arrive (from connect, or from
+    the first byte of a later request on it): a few slow-header clients must not hold the server.
+    Slow *bodies* are the app's (``body_timeout_s``)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # no httptools: uvicorn's h11 protocol
+        import h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeaderTimeoutProtocol(HttpToolsProtocol):
-        _header_timer = None
+        class H11HeaderTimeout(H11Protocol):
+            def connection_made(self, transport) -> None:
+                super().connection_made(transport)
+                self.header_timer = _HeaderTimer(self.loop, timeout_s, transport)
+                self.header_timer.arm()
 
+            def data_received(self, data: bytes) -> None:
+                idle_before = self.conn.their_state is h11.IDLE
+                super().data_received(data)
+                if self.conn.their_state is not h11.IDLE:  # h11 has the request line and headers
+                    self.header_timer.disarm()
+                elif idle_before and data:
+                    self.header_timer.arm()
+
+            def connection_lost(self, exc) -> None:
+                self.header_timer.disarm()
+                super().connection_lost(exc)
+
+        return H11HeaderTimeout
+
+    class HttpToolsHeaderTimeout(HttpToolsProtocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._arm()
+            self.header_timer = _HeaderTimer(self.loop, timeout_s, transport)
+            self.header_timer.arm()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            if self._header_timer is None:
-                self._arm()
+            self.header_timer.arm()
 
         def on_headers_complete(self) -> None:
-            self._disarm()
+            self.header_timer.disarm()
             super().on_headers_complete()
 
         def connection_lost(self, exc) -> None:
-            self._disarm()
+            self.header_timer.disarm()
             super().connection_lost(exc)
 
-        def _arm(self) -> None:
-            self._header_timer = self.loop.call_later(timeout_s, self._headers_late)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _headers_late(self) -> None:
-            self._header_timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
-
-    return HeaderTimeoutProtocol
+    return HttpToolsHeaderTimeout
 
 
 def _uvicorn_server(app: FastAPI, graceful_s: float, header_timeout_s: float):

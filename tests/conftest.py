@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from shoal.cluster.etcd import EmbeddedEtcd  # noqa: E402
 from tiny_models import TINY_ARCHS, make_tiny_checkpoint  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -35,3 +36,16 @@ def smollm2_path():
     from shoal.workers.models.files import smollm2_path
 
     return smollm2_path()
+
+
+@pytest.fixture
+def etcd_server(tmp_path):
+    """A real etcd member on 127.0.0.1 (free client and peer ports, data in tmp_path), started;
+    stopped after the test whatever happened (tests may stop and restart it themselves: ``stop()``
+    then ``start()`` keeps its data dir and ports)."""
+    server = EmbeddedEtcd(tmp_path / "etcd", unsafe_no_fsync=True)
+    try:
+        server.start(timeout=20.0)
+        yield server
+    finally:
+        server.stop()

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The H200 runs of 2026-12-02 (issue 15), on the device machine, from the repo root:
 #   bash docs/benchmarks/h200-2026-12-02.sh STEP...     (results under $OUT, tarred into $OUT/results.tgz)
-# STEP: tests | gputests | base | limits | profile | latency  (each writes its logs and JSON as it finishes).
-# The image lacks gguf: .whl/ holds its wheel (carried); shoal itself runs from this checkout.
+# STEP: tests | gputests | base | limits | profile | latency | serve  (each writes its logs and JSON as it finishes).
+# serve: `shoal serve` on the 8B shape (dummy weights, Llama 3's tokenizer from tests/data) and
+# `shoal bench serve` with exactly the dataset/config blocks of ../shared/peer/h200-2026-12-02/shoal_serve_c*.json.
+# shoal itself runs from this checkout.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT/r" /tmp/site/shoal
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/gguf-*.whl || exit 1
+# .whl/ holds what the image lacks (bash ../shared/device/make-wheels.sh: gguf, and for `serve` fastapi,
+# uvicorn, pydantic, grpcio 1.85.3, ...).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 for d in cluster kernels router workers; do ln -sfn "$PWD/$d" /tmp/site/shoal/$d; done
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 mkdir -p /tmp/site/bin
@@ -40,6 +44,23 @@ for s in "$@"; do
     limits)
       step a-limits 200 shoal bench throughput --workload a --hf-subset 0 --max-num-seqs 1024 --max-num-batched-tokens 16384 --result-file "$OUT/r/a-limits.json"
       step b-limits 240 shoal bench throughput --workload b --model llama-3.1-8b --hf-subset 0 --max-num-seqs 1024 --max-num-batched-tokens 16384 --result-file "$OUT/r/b-limits.json" ;;
+    serve)
+      gunzip -c tests/data/tokenizers/ggml-vocab-llama-bpe.gguf.gz > /tmp/llama3-vocab.gguf
+      shoal serve --model llama-3.1-8b --load-format dummy --tokenizer /tmp/llama3-vocab.gguf --port 8100 \
+        > "$OUT/r/serve.log" 2>&1 &
+      srv=$!
+      for _ in $(seq 600); do
+        curl -sf http://127.0.0.1:8100/ready > /dev/null && break
+        kill -0 $srv 2> /dev/null || break
+        sleep 0.5
+      done
+      for c in 1:64 16:128 64:256; do
+        step "serve-c${c%%:*}" 240 shoal bench serve --base-url http://127.0.0.1:8100 --dataset random \
+          --num-prompts "${c##*:}" --input-len 512 --output-len 128 --range-ratio 0 --prompt-format ids \
+          --token-id-range 1000 20000 --max-concurrency "${c%%:*}" --seed "${c%%:*}" --temperature 0 --session-key user \
+          --result-file "$OUT/r/serve-c${c%%:*}.json"
+      done
+      kill -TERM $srv; wait $srv; echo "serve exit $?" >> "$OUT/r/summary.txt"; pack ;;
     profile)
       step a-prof 200 shoal bench throughput --workload a --hf-subset 0 --no-ceilings --profile-kernels 256 --result-file "$OUT/r/a-prof.json" ;;
   esac

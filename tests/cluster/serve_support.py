@@ -7,6 +7,7 @@ worker is healthy, and :func:`start_serve` then also sees ``/ready`` answer 200 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -107,3 +108,13 @@ def wait_until(check, timeout: float, what: str):
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def sse_events(lines) -> list:
+    """The ``data:`` events of an SSE stream's lines, JSON-decoded (``"[DONE]"`` kept as the string)."""
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out

@@ -3,7 +3,6 @@ comes back, and a drain on SIGTERM that lets streams finish (or ends them with a
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -13,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.cluster.serve_support import TINY, is_zombie, serve_command, start_serve, wait_until, worker_pids
+from tests.cluster.serve_support import TINY, is_zombie, serve_command, sse_events, start_serve, wait_until, worker_pids
 
 
 def _run_serve(*extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -62,15 +61,6 @@ def _stream(base: str, max_tokens: int):
     return client, ctx, response.iter_lines()
 
 
-def _events(lines) -> list:
-    out = []
-    for line in lines:
-        if line.startswith("data: "):
-            data = line.removeprefix("data: ")
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
-
-
 def test_a_killed_worker_fails_its_stream_is_reaped_restarted_and_placed_again():
     served = start_serve(*TINY, "--workers", "1", "--policy", "round_robin")
     try:
@@ -79,7 +69,7 @@ def test_a_killed_worker_fails_its_stream_is_reaped_restarted_and_placed_again()
         first = next(line for line in lines if line.startswith("data: "))
         assert "text" in first
         os.kill(pid, signal.SIGKILL)
-        events = _events(lines)  # the rest of the stream: it must end, with an error event, then [DONE]
+        events = sse_events(lines)  # the rest of the stream: it must end, with an error event, then [DONE]
         ctx.__exit__(None, None, None)
         client.close()
         assert events[-1] == "[DONE]" and "error" in events[-2], events[-3:]
@@ -106,7 +96,7 @@ def test_sigterm_lets_a_short_stream_finish_and_ends_a_long_one_with_an_error():
         next(line for line in lines if line.startswith("data: "))
         t0 = time.monotonic()
         served.proc.send_signal(signal.SIGTERM)
-        events = _events(lines)
+        events = sse_events(lines)
         ctx.__exit__(None, None, None)
         client.close()
         assert events[-1] == "[DONE]"
@@ -120,7 +110,7 @@ def test_sigterm_lets_a_short_stream_finish_and_ends_a_long_one_with_an_error():
         client, ctx, lines = _stream(served.base, 24)
         first = next(line for line in lines if line.startswith("data: "))
         served.proc.send_signal(signal.SIGTERM)
-        events = _events([first, *lines])
+        events = sse_events([first, *lines])
         ctx.__exit__(None, None, None)
         client.close()
         assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1] if isinstance(e, dict))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 
 import httpx
 import pytest
@@ -96,9 +97,15 @@ def test_a_drain_refuses_new_requests_and_ends_a_stream_past_its_deadline(make_t
     asyncio.run(main())
 
 
-def test_a_client_that_never_finishes_its_headers_is_disconnected(make_tiny_engine, smol_tokenizer):
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_client_that_never_finishes_its_headers_is_disconnected(make_tiny_engine, smol_tokenizer, monkeypatch,
+                                                                   parser):
+    if parser == "h11":  # as on a machine without httptools (the GPU image): uvicorn's h11 protocol
+        monkeypatch.setitem(sys.modules, "uvicorn.protocols.http.httptools_impl", None)
+
     async def main():
-        host = RouterHost(_app([make_tiny_engine("host-2")], smol_tokenizer), "127.0.0.1", 0, header_timeout_s=0.3)
+        host = RouterHost(_app([make_tiny_engine(f"host-2-{parser}")], smol_tokenizer), "127.0.0.1", 0,
+                          header_timeout_s=0.3)
         await host.start(30)
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", host.bound[1])
@@ -108,6 +115,7 @@ def test_a_client_that_never_finishes_its_headers_is_disconnected(make_tiny_engi
             writer.close()
             async with httpx.AsyncClient(base_url=host.url) as client:  # and it still serves others
                 assert (await client.get("/health")).status_code == 200
+                assert (await client.get("/ready")).status_code == 200  # a second request, same connection
         finally:
             await host.stop()
 
