@@ -320,6 +320,13 @@ class MultiprocTPExecutor:
         self._last_sampled = out.sampled_token_ids
         return out
 
+    def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
+        return self._call("gather_kv", block_ids)
+
+    def scatter_kv(self, block_ids: list[int], shape: tuple, data: torch.Tensor) -> None:
+        """Every rank writes its heads of ``data`` (rank 0 holds it; the others receive it by shape)."""
+        self._call("scatter_kv", block_ids, shape, local_extra=(data,))
+
     @property
     def block_io(self) -> "TPBlockIO":
         return TPBlockIO(self)
@@ -411,14 +418,14 @@ class TPBlockIO:
                                    cfg.head_dim, rank.dtype)
 
     def gather(self, block_ids) -> torch.Tensor:
-        return self.executor._call("gather_kv", list(block_ids))
+        return self.executor.gather_kv(list(block_ids))
 
     def scatter(self, block_ids, data: torch.Tensor) -> None:
         expected = self.geometry.data_shape(len(block_ids))
         if tuple(data.shape) != expected or data.dtype != self.geometry.dtype:
             raise ValueError(f"KV data has shape {tuple(data.shape)} / {data.dtype}, the cache expects "
                              f"{expected} / {self.geometry.dtype}")
-        self.executor._call("scatter_kv", list(block_ids), expected, local_extra=(data,))
+        self.executor.scatter_kv(list(block_ids), expected, data)
 
 
 def _reap(processes: list) -> None:
