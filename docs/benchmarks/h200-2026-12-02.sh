@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of 2026-12-02 (issue 15), on the device machine, from the repo root:
 #   bash docs/benchmarks/h200-2026-12-02.sh STEP...     (results under $OUT, tarred into $OUT/results.tgz)
-# STEP: tests | gputests | base | limits | profile | latency | serve  (each writes its logs and JSON as it finishes).
+# STEP: tests | gputests | base | limits | profile | profile-b | latency | serve  (each writes its logs and JSON as it finishes).
 # serve: `shoal serve` on the 8B shape (dummy weights, Llama 3's tokenizer from tests/data) and
 # `shoal bench serve` with exactly the dataset/config blocks of ../shared/peer/h200-2026-12-02/shoal_serve_c*.json.
 # shoal itself runs from this checkout.
@@ -63,5 +63,8 @@ for s in "$@"; do
       kill -TERM $srv; wait $srv; echo "serve exit $?" >> "$OUT/r/summary.txt"; pack ;;
     profile)
       step a-prof 200 shoal bench throughput --workload a --hf-subset 0 --no-ceilings --profile-kernels 256 --result-file "$OUT/r/a-prof.json" ;;
+    profile-b)
+      step b-prof 240 shoal bench throughput --workload b --model llama-3.1-8b --hf-subset 0 --no-ceilings --profile-kernels 128 --result-file "$OUT/r/b-prof.json"
+      step b1-prof 120 shoal bench throughput --workload b --model llama-3.1-8b --hf-subset 0 --num-prompts 1 --no-ceilings --profile-kernels 1 --result-file "$OUT/r/b1-prof.json" ;;
   esac
 done
