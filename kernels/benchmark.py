@@ -24,9 +24,9 @@ import torch
 from . import reference
 from .activation import silu_and_mul
 from .kv_cache_ops import reshape_and_cache
-from .paged_attention import _num_sms, choose_num_splits, paged_attention
+from .paged_attention import _MAX_SPLITS, _num_sms, choose_num_splits, paged_attention
 from .rmsnorm import rms_norm
-from .rotary import rotary_embedding
+from .rotary import rotary_and_cache, rotary_embedding
 from .sampling import sample, support_mask
 
 GB = 1e9
@@ -101,13 +101,15 @@ def bench_decode_attention(
     block_size: int = 16,
     dtype: torch.dtype = torch.bfloat16,
     max_kv_bytes: int = 16 * 1024**3,
+    sweep_splits: bool = False,
     device: str = "cuda",
 ) -> list[dict]:
     """One decode step of attention for ``batch`` sequences of ``context`` tokens each (one layer).
 
     GB/s counts the KV bytes read plus q read and out written. Each shape runs with the launcher's
-    split heuristic (``num_splits`` reports its choice) and without splitting; shapes whose cache
-    would pass ``max_kv_bytes`` are skipped.
+    split heuristic (``num_splits`` reports its choice) and without splitting, or with every split
+    count when ``sweep_splits`` (the data the heuristic is fitted to); shapes whose cache would pass
+    ``max_kv_bytes`` are skipped.
     """
     elt = torch.tensor([], dtype=dtype).element_size()
     rows = []
@@ -122,7 +124,8 @@ def bench_decode_attention(
             qsl = torch.arange(batch + 1, dtype=torch.int32, device=device)
             auto = choose_num_splits(batch, num_kv_heads, 1, context, _num_sms(q.device))
             moved = kv_bytes + 2 * q.numel() * elt
-            for splits in sorted({auto, 1}, reverse=True):
+            tried = {auto, 1} | ({1 << i for i in range(_MAX_SPLITS.bit_length())} if sweep_splits else set())
+            for splits in sorted(tried, reverse=True):
                 ms = time_ms(lambda: paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, head_dim**-0.5,
                                                      max_query_len=1, max_seq_len=context, num_splits=splits))
                 rows.append({"bench": "decode_attention", "batch": batch, "context": context, "num_splits": splits,
@@ -170,7 +173,8 @@ def bench_small_kernels(
     dtype: torch.dtype = torch.bfloat16,
     device: str = "cuda",
 ) -> list[dict]:
-    """RMSNorm (+residual), silu_and_mul, rotary and reshape_and_cache: GB/s of bytes read + written."""
+    """RMSNorm (+residual), silu_and_mul, rotary, reshape_and_cache and the fused rotary_and_cache: GB/s
+    of bytes read + written."""
     elt = torch.tensor([], dtype=dtype).element_size()
     rows = []
     for n in token_counts:
@@ -192,6 +196,9 @@ def bench_small_kernels(
             ("silu_and_mul", lambda: silu_and_mul(gate_up), 3 * n * intermediate * elt),
             ("rotary", lambda: rotary_embedding(pos, q, k, cache), 2 * qk + n * head_dim * 4),
             ("reshape_and_cache", lambda: reshape_and_cache(k, k, k_cache, v_cache, slots), 4 * k.numel() * elt),
+            # what the model runs: the two above in one launch, k never materialised
+            ("rotary_and_cache", lambda: rotary_and_cache(pos, q, k, k, cache, k_cache, v_cache, slots),
+             2 * q.numel() * elt + 4 * k.numel() * elt + n * head_dim * 4),
         ]
         for name, fn, moved in cases:
             ms = time_ms(fn)
@@ -253,7 +260,15 @@ def _verify_small_kernels(g: torch.Generator, device: str) -> list[dict]:
     qq = torch.randn(37, heads, d, generator=g, device=device).to(dt)
     kk = torch.randn(37, kv_heads, d, generator=g, device=device).to(dt)
     (gq, gk), (wq, wk) = rotary_embedding(pos, qq, kk, cache), reference.rotary_embedding(pos, qq, kk, cache)
-    return rows + [_compare("rotary/q", gq, wq, 1e-2, 1.6e-2), _compare("rotary/k", gk, wk, 1e-2, 1.6e-2)]
+    rows += [_compare("rotary/q", gq, wq, 1e-2, 1.6e-2), _compare("rotary/k", gk, wk, 1e-2, 1.6e-2)]
+    vv = torch.randn(37, kv_heads, d, generator=g, device=device).to(dt)
+    s37 = slots[:37]
+    kc, vc, kr, vr = k_cache.clone(), v_cache.clone(), k_cache.clone(), v_cache.clone()
+    got = rotary_and_cache(pos, qq, kk, vv, cache, kc, vc, s37)
+    want = reference.rotary_and_cache(pos, qq, kk, vv, cache, kr, vr, s37)
+    return rows + [_compare("rotary_and_cache/q", got, want, 1e-2, 1.6e-2),
+                   _compare("rotary_and_cache/k_cache", kc, kr, 1e-2, 1.6e-2),
+                   _compare("rotary_and_cache/v_cache", vc, vr, 0.0)]
 
 
 def _verify_sampling(g: torch.Generator, device: str) -> list[dict]:

@@ -227,15 +227,17 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_
     """How many KV splits a batch wants: a power of two, 1 = no split.
 
     Only decode-only batches split (a prefill block already has plenty of work per program). The
-    unsplit grid has one program per sequence and kv head; splitting pays when that is under half of
-    ~4 programs per SM (measured on an H100: batch 1 at 4k context runs 7x faster with 16 splits,
-    batch 64 x 8 kv heads already streams KV at full bandwidth unsplit), as long as each split keeps
-    >= 128 keys (one GPU tile) to amortise the combine.
+    unsplit grid has one program per sequence and kv head; splits fill it up to ~2 programs per SM,
+    as long as each split keeps >= 128 keys (one GPU tile) to amortise the combine. Fitted to a sweep
+    of every split count on an H200 (``shoal bench kernels --sweep-splits``, 8 kv heads, head_dim 128):
+    the best count lands the grid at 128-256 programs for batch 1-16 and contexts 256-4k (batch 1 at
+    4k: 7x faster with 16 splits than unsplit), and batch 64 x 8 kv heads already streams KV unsplit.
+    Aiming at 4 programs per SM (the earlier H100 choice) was 12-34 % slower at batch 16.
     """
     programs = num_seqs * num_kv_heads
     if max_query_len != 1 or programs == 0:
         return 1
-    want = min((4 * num_sms) // programs, max_seq_len // _MIN_SPLIT_KEYS, _MAX_SPLITS)
+    want = min((2 * num_sms) // programs, max_seq_len // _MIN_SPLIT_KEYS, _MAX_SPLITS)
     return 1 << (want.bit_length() - 1) if want >= 2 else 1
 
 

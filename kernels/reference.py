@@ -122,6 +122,22 @@ def rotary_embedding(
     return rotate(q), rotate(k)
 
 
+def rotary_and_cache(
+    positions: torch.Tensor,  # [num_tokens] int
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos_sin_cache: torch.Tensor,  # [max_position, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int; negative = padding, writes nothing
+) -> torch.Tensor:
+    """Rotate q and k, write the rotated k and v to their cache slots; return the rotated q."""
+    q, k = rotary_embedding(positions, q, k, cos_sin_cache)
+    reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for ``x: [..., 2 * d]`` (the gated MLP's activation)."""
     d = x.shape[-1] // 2

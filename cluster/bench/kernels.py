@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--sweep-splits", action="store_true",
+                   help="time decode attention at every split-KV count, not only the heuristic's and 1")
     p.add_argument("--result-file", default=None)
 
 
@@ -32,7 +34,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
     shape = dict(num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
                  block_size=args.block_size)
     payload = {"benchmark": "kernels", "env": environment(), "ceilings": ceilings.measure(), "shape": shape}
-    payload["decode_attention"] = kb.bench_decode_attention(ints(args.batches), ints(args.contexts), **shape)
+    payload["decode_attention"] = kb.bench_decode_attention(ints(args.batches), ints(args.contexts),
+                                                           sweep_splits=args.sweep_splits, **shape)
     payload["prefill_attention"] = kb.bench_prefill_attention(ints(args.prefill_lens), **shape)
     payload["small_kernels"] = kb.bench_small_kernels()
     bw = payload["ceilings"]["copy_bandwidth_GBps"]

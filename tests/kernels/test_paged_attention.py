@@ -161,9 +161,10 @@ def test_strided_q():
 
 
 def test_choose_num_splits():
-    assert pa.choose_num_splits(1, 8, max_query_len=1, max_seq_len=32768, num_sms=132) == 64
+    assert pa.choose_num_splits(1, 8, max_query_len=1, max_seq_len=32768, num_sms=132) == 32
     assert pa.choose_num_splits(1, 8, max_query_len=1, max_seq_len=4096, num_sms=132) == 32
-    assert pa.choose_num_splits(16, 8, max_query_len=1, max_seq_len=32768, num_sms=132) == 4
+    assert pa.choose_num_splits(4, 8, max_query_len=1, max_seq_len=2048, num_sms=132) == 8
+    assert pa.choose_num_splits(16, 8, max_query_len=1, max_seq_len=32768, num_sms=132) == 2
     assert pa.choose_num_splits(1, 8, max_query_len=1, max_seq_len=200, num_sms=132) == 1  # short
     assert pa.choose_num_splits(64, 8, max_query_len=1, max_seq_len=32768, num_sms=132) == 1  # GPU full
     assert pa.choose_num_splits(1, 8, max_query_len=7, max_seq_len=32768, num_sms=132) == 1  # prefill

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shoal.kernels import reference
-from shoal.kernels.rotary import rotary_embedding
+from shoal.kernels.rotary import rotary_and_cache, rotary_embedding
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
 
@@ -57,3 +57,49 @@ def test_bad_cache():
     with pytest.raises(ValueError, match="cos_sin_cache"):
         rotary_embedding(torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 16), torch.zeros(1, 1, 16),
                          torch.zeros(4, 8))
+
+
+@pytest.mark.parametrize(
+    "num_tokens,num_heads,num_kv_heads,head_dim,block_size,dtype",
+    [
+        (1, 4, 4, 64, 16, torch.float32),
+        (7, 9, 3, 64, 4, torch.bfloat16),
+        (33, 8, 2, 128, 16, torch.float16),
+        (5, 2, 1, 80, 8, torch.float32),
+    ],
+)
+def test_rotary_and_cache_matches_rotary_then_cache_write(num_tokens, num_heads, num_kv_heads, head_dim,
+                                                          block_size, dtype):
+    g = torch.Generator().manual_seed(100 + num_tokens)
+    cache = cos_sin_cache(4096, head_dim)
+    positions = torch.randint(0, 4096, (num_tokens,), generator=g)
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, generator=g).to(dtype)
+    q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)  # strided views, as the model has
+    num_blocks = num_tokens // block_size + 3
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    slots[num_tokens // 2] = -1  # a padding token: its q still rotates, no cache write
+    caches = [torch.full((num_blocks, block_size, num_kv_heads, head_dim), 7.0, dtype=dtype) for _ in range(4)]
+    k_ref, v_ref, k_got, v_got = caches
+    q_ref = reference.rotary_and_cache(positions, q, k, v, cache, k_ref, v_ref, slots)
+    q_got = rotary_and_cache(positions, q, k, v, cache, k_got, v_got, slots)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(q_got, q_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(k_got, k_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(v_got, v_ref, atol=0, rtol=0)  # a copy
+    # The fused kernel equals the two kernels it replaces, bit for bit.
+    q2, k2 = rotary_embedding(positions, q, k, cache)
+    k_two, v_two = caches[0].clone().fill_(7.0), caches[1].clone().fill_(7.0)
+    reference.reshape_and_cache(k2, v, k_two, v_two, slots)
+    assert torch.equal(q_got, q2) and torch.equal(k_got, k_two) and torch.equal(v_got, v_two)
+
+
+def test_rotary_and_cache_refuses_mismatched_shapes():
+    q, k = torch.zeros(2, 4, 16), torch.zeros(2, 2, 16)
+    kc = torch.zeros(4, 4, 2, 16)
+    pos = slots = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="k and v"):
+        rotary_and_cache(pos, q, k, torch.zeros(2, 1, 16), cos_sin_cache(8, 16), kc, kc, slots)
+    with pytest.raises(ValueError, match="k_cache"):
+        rotary_and_cache(pos, q, k, k, cos_sin_cache(8, 16), torch.zeros(4, 4, 1, 16), kc, slots)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        rotary_and_cache(pos, q, k, k, cos_sin_cache(8, 16), kc, kc, slots[:1])

@@ -76,9 +76,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
-        q, k = self.ops.rotary_embedding(positions, q, k, cos_sin)
         k_cache, v_cache = kv_cache
-        self.ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = self.ops.rotary_and_cache(positions, q, k, v, cos_sin, k_cache, v_cache, meta.slot_mapping)
         o = self.ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                      meta.query_start_loc, self.scale, max_query_len=meta.max_query_len,
                                      max_seq_len=meta.max_seq_len)

@@ -30,18 +30,16 @@ class AttentionMetadata:
 class KernelOps:
     name: str
     rms_norm: Callable
-    rotary_embedding: Callable
+    rotary_and_cache: Callable  # rotate q and k, write k and v to their cache slots, return q
     silu_and_mul: Callable
-    reshape_and_cache: Callable
     paged_attention: Callable
 
 
 REFERENCE_OPS = KernelOps(
     name="reference",
     rms_norm=reference.rms_norm,
-    rotary_embedding=reference.rotary_embedding,
+    rotary_and_cache=reference.rotary_and_cache,
     silu_and_mul=reference.silu_and_mul,
-    reshape_and_cache=reference.reshape_and_cache,
     paged_attention=reference.paged_attention,
 )
 
@@ -51,14 +49,13 @@ def kernel_ops(name: str) -> KernelOps:
     if name == "reference":
         return REFERENCE_OPS
     if name == "triton":
-        from shoal.kernels import activation, kv_cache_ops, paged_attention, rmsnorm, rotary
+        from shoal.kernels import activation, paged_attention, rmsnorm, rotary
 
         return KernelOps(
             name="triton",
             rms_norm=rmsnorm.rms_norm,
-            rotary_embedding=rotary.rotary_embedding,
+            rotary_and_cache=rotary.rotary_and_cache,
             silu_and_mul=activation.silu_and_mul,
-            reshape_and_cache=kv_cache_ops.reshape_and_cache,
             paged_attention=paged_attention.paged_attention,
         )
     raise ValueError(f"kernels must be 'reference' or 'triton', got {name!r}")
