@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .options import option, validate
+from .options import OptionError, option, validate
 
 DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
 DEFAULT_MODEL = "smollm2-135m"  # what the command line serves without --model
@@ -57,6 +57,9 @@ class EngineConfig:
     scheduling_policy: str = option("fcfs", "'priority': lower request priority first, then arrival",
                                     choices=("fcfs", "priority"))
     cuda_graphs: bool = option(True, "capture decode steps as CUDA graphs (GPU only)")
+    async_scheduling: bool | None = option(
+        None, "schedule step N+1 and post-process step N while the device runs N+1 (overlap host with GPU); "
+              "unset: on for CUDA at tensor_parallel_size 1, off on CPU; needs tensor_parallel_size 1")
     kv_events: bool = option(False, "record cached-block changes for subscribers (the router's prefix "
                                     "index; worker servers always turn it on)")
     tensor_parallel_size: int = option(1, "ranks one engine is split over (processes on this machine; gloo "
@@ -64,3 +67,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise OptionError("EngineConfig.async_scheduling",
+                              f"must be unset or false with tensor_parallel_size {self.tensor_parallel_size} > 1 "
+                              "(the tensor-parallel executor runs each step to the end), got True",
+                              "async_scheduling")

@@ -28,6 +28,14 @@ from .models.ops import kernel_ops
 
 log = logging.getLogger(__name__)
 
+
+def resolve_async_scheduling(config: EngineConfig, device: torch.device) -> bool:
+    """``async_scheduling`` unset: on where it pays (CUDA, one rank); on a CPU nothing runs
+    asynchronously to overlap with. Set: as set (EngineConfig refuses True with TP > 1)."""
+    if config.async_scheduling is not None:
+        return config.async_scheduling
+    return device.type == "cuda" and config.tensor_parallel_size == 1
+
 CPU_MAX_MODEL_LEN = 8192
 
 
@@ -71,10 +79,11 @@ class LLMEngine:
         self.num_kv_blocks = num_blocks
         self.eos_token_ids = frozenset(mcfg.eos_token_ids) | (
             self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset())
+        self.async_scheduling = resolve_async_scheduling(config, device)
         sched_cfg = SchedulerConfig(
             max_num_seqs=max_seqs, max_num_batched_tokens=budget,
             max_model_len=self.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
-            policy=config.scheduling_policy)
+            policy=config.scheduling_policy, async_scheduling=self.async_scheduling)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                        record_events=config.kv_events)
         if self.tp is not None:
@@ -84,12 +93,13 @@ class LLMEngine:
             kv = allocate_kv_caches(self.model, num_blocks, config.block_size, dtype, device)
             self.runner = ModelRunner(self.model, kv, runner_cfg, device)
         self.scheduler = Scheduler(sched_cfg, self.kv_cache)
-        self.core = EngineCore(self.scheduler, self.tp or self.runner)
+        self.core = EngineCore(self.scheduler, self.tp or self.runner, async_scheduling=self.async_scheduling)
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self._kv_block_io = None
-        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
-                 config.model, device, dtype, num_blocks, config.block_size, self.max_model_len)
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d, async scheduling %s",
+                 config.model, device, dtype, num_blocks, config.block_size, self.max_model_len,
+                 "on" if self.async_scheduling else "off")
 
     @staticmethod
     def _load_tokenizer(config: EngineConfig, source):

@@ -25,17 +25,21 @@ def decode_step_times(llm, prompt_len: int, decode_steps: int, seed: int = 0) ->
     engine = llm.engine
     engine.add_request([rng.randrange(vocab) for _ in range(prompt_len)],
                        SamplingParams(temperature=0, max_tokens=decode_steps + 1, ignore_eos=True))
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    # No sync between steps: with async scheduling a step returns while the next one runs, so the
+    # time between two returns is the time per token (a sync here would hide the device's part).
+    # Without it each step already waits for its sampled id. The first two calls (the prefill, and
+    # under async the first collect) are left out; the median ignores the drain at the end.
     times = []
-    first = True
+    last = time.perf_counter()
+    n = 0
     while engine.has_unfinished_requests():
-        sync()
-        start = time.perf_counter()
-        engine.step()  # returns after the sampled id reached the host: a full step
-        elapsed = time.perf_counter() - start
-        if not first:
-            times.append(elapsed)
-        first = False
+        engine.step()
+        now = time.perf_counter()
+        if n >= 2:
+            times.append(now - last)
+        last, n = now, n + 1
     return times
 
 

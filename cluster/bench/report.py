@@ -43,6 +43,7 @@ def engine_settings(engine) -> dict[str, Any]:
         "max_model_len": engine.max_model_len,
         "enable_chunked_prefill": sched.enable_chunked_prefill,
         "scheduling_policy": sched.policy,
+        "async_scheduling": sched.async_scheduling,
         "block_size": cfg.block_size,
         "num_kv_blocks": engine.num_kv_blocks,
         "enable_prefix_caching": cfg.enable_prefix_caching,

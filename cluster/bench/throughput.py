@@ -51,6 +51,8 @@ def run_shoal(llm, workload, temperature: float = 1.0) -> dict:
     in_tokens = sum(len(p) for p in prompts)
     profile = {k: after[k] - before[k] for k in after}
     profile["other_s"] = elapsed - profile["schedule_s"] - profile["execute_s"] - profile["update_s"]
+    profile.update(overlap_profile(profile, elapsed))
+    profile["async_scheduling"] = llm.engine.async_scheduling
     return {"engine": "shoal", "requests": len(prompts), "input_tokens": in_tokens,
             "output_tokens": out_tokens, "seconds": elapsed, "output_tok_per_s": out_tokens / elapsed,
             "total_tok_per_s": (in_tokens + out_tokens) / elapsed, "req_per_s": len(prompts) / elapsed,
@@ -81,17 +83,29 @@ def step_profile(engine) -> dict:
             "update_s": core.update_s, **runner.as_dict()}
 
 
+def overlap_profile(profile: dict, elapsed: float) -> dict:
+    """How much host work the device hid. ``host_s``: wall time the host was not blocked on the device
+    (scheduling, input prep, launches, updates, detokenizing); ``gpu_idle_s``: wall time the device
+    was not running a step (on CPU: all of it); ``overlap_s`` = host_s - gpu_idle_s: host work done
+    while the device was busy (async scheduling raises it; a host-bound run without it is near 0)."""
+    host = elapsed - profile.get("sample_wait_s", 0.0)
+    idle = elapsed - profile.get("gpu_s", 0.0)
+    return {"host_s": host, "gpu_idle_s": idle, "overlap_s": max(host - idle, 0.0)}
+
+
 def format_profile(profile: dict, elapsed: float) -> str:
     parts = ["schedule_s", "prepare_s", "forward_s", "sample_s", "update_s", "other_s"]
     rows = [{"part": k[:-2], "seconds": profile[k], "pct": 100 * profile[k] / elapsed} for k in parts]
     for k, name in (("sample_launch_s", "  sample: lm_head + sampler launch"),
                     ("sample_wait_s", "  sample: wait for the GPU"),
                     ("gpu_s", "gpu busy (events)"), ("gpu_forward_s", "  gpu: forward"),
-                    ("gpu_sample_s", "  gpu: lm_head + sampling")):
+                    ("gpu_sample_s", "  gpu: lm_head + sampling"), ("host_s", "host busy (not waiting)"),
+                    ("gpu_idle_s", "gpu idle"), ("overlap_s", "host work hidden behind the gpu")):
         if k in profile:
             rows.append({"part": name, "seconds": profile[k], "pct": 100 * profile[k] / elapsed})
+    mode = "async scheduling" if profile.get("async_scheduling") else "sync scheduling"
     title = (f"where the time went: {profile['steps']} steps ({profile['graph_steps']} graph, "
-             f"{profile['eager_steps']} eager), {1e3 * elapsed / max(profile['steps'], 1):.2f} ms/step")
+             f"{profile['eager_steps']} eager), {1e3 * elapsed / max(profile['steps'], 1):.2f} ms/step, {mode}")
     return format_table(rows, ["part", "seconds", "pct"], title=title)
 
 

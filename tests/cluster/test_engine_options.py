@@ -36,6 +36,8 @@ def non_default(info: OptionInfo) -> Any:
         return next(c for c in info.choices if c not in taken)
     if info.type == "bool":
         return not info.default
+    if info.type == "bool | None":  # unset means auto; False is valid beside every other value
+        return False if info.default is None else None
     if info.type == "list[str]":
         return ("https://a.example", "https://b.example")
     base = info.type.removesuffix(" | None")

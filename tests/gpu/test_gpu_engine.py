@@ -53,3 +53,32 @@ def test_smollm2_gpu_matches_cpu_engine():
     assert outs[0].outputs[0].text.startswith(" Paris")
     bf16 = LLM("smollm2-135m", device="cuda", dtype="bfloat16", num_kv_blocks=256)
     assert bf16.generate(prompts[:1], params)[0].outputs[0].text.startswith(" Paris")
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_gpu_async_scheduling_matches_sync(tiny_checkpoints, cuda_graphs):
+    """On CUDA (where step N+1 really runs while the host collects step N): async on == async off,
+    greedy and seeded, with stop tokens, logprobs and a penalty row (which collects early); no leak."""
+    path, model = tiny_checkpoints["llama"]
+    prompts = make_prompts(model.config.vocab_size)
+    params = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3, max_tokens=MAX_TOKENS, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop_token_ids=[5, 7, 11]),
+              SamplingParams(temperature=0, max_tokens=MAX_TOKENS, repetition_penalty=1.2, min_tokens=2)]
+    params = [params[i % len(params)] for i in range(len(prompts))]
+    got = {}
+    for mode in (False, True):
+        llm = LLM(path, device="cuda", dtype="float32", kernels="triton", max_model_len=512,
+                  num_kv_blocks=256, cuda_graphs=cuda_graphs, max_num_seqs=16, async_scheduling=mode)
+        assert llm.engine.async_scheduling is mode
+        got[mode] = [[(c.token_ids, c.finish_reason, c.logprobs) for c in o.outputs]
+                     for o in llm.generate(prompts, params)]
+        assert not llm.engine.has_unfinished_requests()
+        llm.engine.kv_cache.check_no_leak()
+    assert got[True] == got[False]
+
+
+def test_gpu_async_scheduling_is_the_cuda_default(tiny_checkpoints):
+    path, _ = tiny_checkpoints["llama"]
+    llm = LLM(path, device="cuda", dtype="float32", max_model_len=256, num_kv_blocks=64, max_num_seqs=8)
+    assert llm.engine.async_scheduling

@@ -2,7 +2,9 @@
 
 A full block is published under its chained hash as soon as it is allocated for the step that fills it:
 within one forward pass every layer writes the batch's new keys/values before any token attends, so a
-request scheduled in the same step (an ``n > 1`` sibling) may already reuse it.
+request scheduled in the same step (an ``n > 1`` sibling) may already reuse it. Under async scheduling
+a block whose last tokens are placeholders (ids not known yet) has no hash yet: it is published late,
+by :meth:`KVCacheManager.publish_computed`, once those ids are known.
 """
 
 from __future__ import annotations
@@ -90,11 +92,18 @@ class KVCacheManager:
         self._publish_full_blocks(request, held, total)
         return True
 
+    def publish_computed(self, request: Request) -> None:
+        """Publish the request's scheduled full blocks whose token ids are all known by now."""
+        held = self._blocks.get(request.request_id)
+        if held:
+            self._publish_full_blocks(request, held, request.num_computed_tokens)
+
     def _publish_full_blocks(self, request: Request, held: list[KVBlock], num_tokens: int) -> None:
         if not self.enable_prefix_caching:
             return
         start = self._num_hashed.get(request.request_id, 0)
-        end = num_tokens // self.block_size
+        # Only blocks of known tokens: a placeholder's id (async scheduling) is not hashable yet.
+        end = min(num_tokens, request.num_tokens) // self.block_size
         if end <= start:
             return
         hashes = request.block_hashes(self.block_size)

@@ -37,6 +37,7 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int]  # request id -> tokens to compute this step, in batch order
     finished_request_ids: frozenset[str]  # the runner drops their state
     preempted_request_ids: frozenset[str] = frozenset()
+    step_id: int = 0  # the scheduler's count of steps; async scheduling pairs outputs with steps by it
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -45,6 +45,9 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        # Async scheduling: tokens that steps still in flight will sample. The scheduler counts them
+        # (a placeholder is a token whose id is not known yet); each is replaced by its id on collection.
+        self.num_placeholders = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1 until then
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
@@ -56,6 +59,11 @@ class Request:
         return len(self.all_token_ids)
 
     @property
+    def num_tokens_with_placeholders(self) -> int:
+        """Known tokens plus those in flight: what the scheduler brings ``num_computed_tokens`` level with."""
+        return len(self.all_token_ids) + self.num_placeholders
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
@@ -64,7 +72,8 @@ class Request:
         self.all_token_ids.append(token_id)
 
     def block_hashes(self, block_size: int) -> list[bytes]:
-        """Hashes of this request's full blocks, extended incrementally as tokens arrive."""
+        """Hashes of this request's full blocks of known tokens (never a placeholder), extended
+        incrementally as tokens arrive."""
         have = len(self._block_hashes)
         if (have + 1) * block_size <= self.num_tokens:
             parent = self._block_hashes[-1] if have else None

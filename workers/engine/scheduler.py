@@ -4,6 +4,13 @@ Each step the running requests go first (decodes and unfinished prefill chunks a
 ones are admitted while budget, sequence slots and KV blocks last. When a running request cannot get a
 block, the lowest-priority running request (the latest under FCFS) is preempted by recompute: its blocks
 are freed and it waits again, to recompute its prompt and the tokens it had generated.
+
+With ``async_scheduling`` step N+1 is scheduled while step N runs, before N's sampled tokens are known.
+Each request a step will sample gets a *placeholder*: a token counted in
+``num_tokens_with_placeholders`` (so the next step schedules its decode) whose id arrives when that
+step's output is applied (``update_from_output``, in step order). Stop checks happen there; a token a
+step sampled for a request that ended meanwhile (stop, length, abort, a stop string) is discarded.
+A request whose in-flight tokens already reach ``max_tokens`` / ``max_model_len`` is not scheduled again.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ class SchedulerConfig:
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # "fcfs" | "priority" (lower Request.priority first, then arrival)
+    async_scheduling: bool = False  # schedule the next step before this one's tokens are known
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -57,6 +65,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._finished_ids: set[str] = set()  # to tell the runner next step
+        self._next_step_id = 0
+        # async: step id -> the requests that step samples (each holds a placeholder for it)
+        self._in_flight: dict[int, list[Request]] = {}
 
     # -- admission ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -136,7 +147,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget)
+            if n <= 0 or self._ends_in_flight(request):
+                i += 1  # nothing to compute, or the tokens in flight already finish it
+                continue
             held_before[request.request_id] = self.kv_cache.num_blocks(request.request_id)
             while not self.kv_cache.allocate_slots(request, n):
                 victim = self._pick_victim()
@@ -154,6 +168,8 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
+            if request.num_placeholders:
+                break  # preempted with a step in flight: it waits until that step's token is known
             hits, num_hit = self.kv_cache.get_computed_blocks(request)
             n = request.num_tokens - num_hit
             if n > budget and not self.config.enable_chunked_prefill:
@@ -185,35 +201,81 @@ class Scheduler:
         out = SchedulerOutput(
             new_requests=tuple(new_reqs), cached_requests=tuple(cached_reqs),
             num_scheduled_tokens=num_scheduled, finished_request_ids=frozenset(self._finished_ids),
-            preempted_request_ids=frozenset(preempted))
+            preempted_request_ids=frozenset(preempted), step_id=self._next_step_id)
+        self._next_step_id += 1
         self._finished_ids.clear()
         self.stats.num_steps += bool(num_scheduled)
         self.stats.num_computed_tokens += out.total_num_scheduled_tokens
         for rid, n in num_scheduled.items():
             self.requests[rid].num_computed_tokens += n
+        if self.config.async_scheduling:
+            sampling = [r for r in map(self.requests.__getitem__, num_scheduled)
+                        if r.num_computed_tokens == r.num_tokens_with_placeholders]
+            for request in sampling:
+                request.num_placeholders += 1
+            self._in_flight[out.step_id] = sampling
         return out
 
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Apply a step's sampled tokens. Async: call once per scheduled step, in step order."""
+        if self.config.async_scheduling:
+            return self._update_in_flight(sched, result)
         outputs = []
         for rid in sched.num_scheduled_tokens:
             request = self.requests.get(rid)
             token = result.sampled_token_ids.get(rid)
             if request is None or token is None or request.status is not RequestStatus.RUNNING:
                 continue  # a prefill chunk that did not reach the end samples nothing
-            request.append_output_token(token)
-            self._check_stop(request, token)
-            lp = result.logprobs.get(rid)
-            done = request.status is not RequestStatus.RUNNING
-            outputs.append(EngineCoreOutput(
-                request_id=rid, new_token_ids=(token,), new_logprobs=(lp,) if lp else (),
-                finish_reason=request.status.value if done else None, stop_reason=request.stop_reason,
-                num_cached_tokens=max(request.num_cached_tokens, 0)))
-            if done:
-                self.running.remove(request)
-                self._free(request)
+            outputs.append(self._accept(request, token, result))
         return outputs
 
+    def _update_in_flight(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        # The very requests that got this step's placeholders (an id reused meanwhile is another request).
+        outputs = []
+        for request in self._in_flight.pop(sched.step_id, ()):
+            request.num_placeholders -= 1
+            token = result.sampled_token_ids.get(request.request_id)
+            if token is None or request.status.finished:
+                continue  # it ended while this step ran: the token is discarded
+            # RUNNING, or PREEMPTED while this step ran: the token is real either way (a sync engine
+            # would have had it before preempting), so it is kept and recomputed on resume.
+            outputs.append(self._accept(request, token, result))
+            if request.status is RequestStatus.RUNNING:
+                self.kv_cache.publish_computed(request)  # blocks filled by a placeholder publish now
+        return outputs
+
+    def abandon_in_flight(self) -> None:
+        """Forget the steps in flight (their execution failed): their placeholders are dropped."""
+        for requests in self._in_flight.values():
+            for request in requests:
+                request.num_placeholders = 0
+        self._in_flight.clear()
+
     # -- internals ------------------------------------------------------------------------------
+    def _accept(self, request: Request, token: int, result: ModelRunnerOutput) -> EngineCoreOutput:
+        """Append a sampled token, check the stop rules, free the request if it ended."""
+        rid = request.request_id
+        was = request.status
+        request.append_output_token(token)
+        self._check_stop(request, token)
+        lp = result.logprobs.get(rid)
+        done = request.status.finished
+        if done:
+            (self.running if was is RequestStatus.RUNNING else self.waiting).remove(request)
+            self._free(request)
+        return EngineCoreOutput(
+            request_id=rid, new_token_ids=(token,), new_logprobs=(lp,) if lp else (),
+            finish_reason=request.status.value if done else None, stop_reason=request.stop_reason,
+            num_cached_tokens=max(request.num_cached_tokens, 0))
+
+    def _ends_in_flight(self, request: Request) -> bool:
+        """Its placeholders already reach max_tokens or max_model_len: it finishes when they land."""
+        if not request.num_placeholders:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        return ((max_tokens is not None and len(request.output_token_ids) + request.num_placeholders >= max_tokens)
+                or request.num_tokens_with_placeholders >= self.config.max_model_len)
+
     def _check_stop(self, request: Request, token: int) -> None:
         p = request.sampling_params
         num_out = len(request.output_token_ids)

@@ -1,5 +1,10 @@
 """Persistent input buffers: a step's flattened batch is built in numpy on the host, copied once into
 fixed device tensors, and the model reads views of them (the same memory CUDA graphs captured).
+
+The host staging is one set of pinned tensors whose copies are queued, not waited for. Under async
+scheduling the host stages step N+1 while step N may not have started on the device yet, so
+``fill`` first waits for the previous step's copies (an event recorded after them; by then the
+device has finished step N-1, so the wait is the copies' own few microseconds).
 """
 
 from __future__ import annotations
@@ -45,12 +50,15 @@ class InputBuffers:
         self.h_seq_lens = host(max_num_seqs, dtype=torch.int32)
         self.h_tables = host(max_num_seqs, max_blocks_per_seq, dtype=torch.int32)
         self.h_logits_idx = host(max_num_seqs, dtype=torch.int64)
+        self.h_gather = host(2, max_num_seqs, dtype=torch.int64)  # (token position, source row) pairs
         # device buffers the model (and captured graphs) read; on CPU they are the host buffers
         self._copy = device.type != "cpu"
         dev = (lambda h: torch.zeros_like(h, device=device)) if self._copy else (lambda h: h)
         self.input_ids, self.positions, self.slots = dev(self.h_input_ids), dev(self.h_positions), dev(self.h_slots)
         self.qsl, self.seq_lens, self.tables = dev(self.h_qsl), dev(self.h_seq_lens), dev(self.h_tables)
         self.logits_idx = dev(self.h_logits_idx)
+        self.gather = dev(self.h_gather)
+        self._staged = None  # CUDA event after the last queued copies out of the host staging
 
     def fill(self, rows: list[tuple[list[int], int, int, list[int]]], block_size: int,
              pad_to: int | None = None) -> tuple[int, int, int, int]:
@@ -60,6 +68,9 @@ class InputBuffers:
         fill the batch up to a captured graph size. Returns (num_tokens, num_seqs, max query len,
         max seq len).
         """
+        if self._staged is not None:
+            self._staged.synchronize()  # the last step's copies have read the staging we overwrite
+            self._staged = None
         ids, pos, slots = self.h_input_ids.numpy(), self.h_positions.numpy(), self.h_slots.numpy()
         qsl, lens, tables = self.h_qsl.numpy(), self.h_seq_lens.numpy(), self.h_tables.numpy()
         # Per-row numpy calls cost microseconds each: build plain lists (decode rows are one token)
@@ -125,6 +136,7 @@ class InputBuffers:
             self.seq_lens[:num_seqs].copy_(self.h_seq_lens[:num_seqs], non_blocking=nb)
             self.tables[:num_seqs, :width].copy_(self.h_tables[:num_seqs, :width], non_blocking=nb)
             self.logits_idx[:n_logits].copy_(self.h_logits_idx[:n_logits], non_blocking=nb)
+            self._mark_staged()
         meta = AttentionMetadata(
             slot_mapping=self.slots[:num_tokens], query_start_loc=self.qsl[:num_seqs + 1],
             seq_lens=self.seq_lens[:num_seqs], block_tables=self.tables[:num_seqs, :width],
@@ -132,3 +144,24 @@ class InputBuffers:
         return StepInputs(self.input_ids[:num_tokens], self.positions[:num_tokens], meta,
                           self.logits_idx[:n_logits], num_tokens, num_seqs,
                           is_decode_only=max_q == 1)
+
+    def gather_ids(self, positions: list[int], rows: list[int], sampled: torch.Tensor) -> None:
+        """On the device: ``input_ids[positions[i]] = sampled[rows[i]]`` (after :meth:`upload`).
+
+        The decode tokens of async scheduling whose ids the host does not know yet: the previous
+        step sampled them into ``sampled`` ([num_sampled] int64, on this device), and the copy is
+        queued behind that step, so the host never waits for it.
+        """
+        k = len(positions)
+        staged = self.h_gather.numpy()
+        staged[0, :k] = positions
+        staged[1, :k] = rows
+        if self._copy:
+            self.gather[:, :k].copy_(self.h_gather[:, :k], non_blocking=True)
+            self._mark_staged()
+        self.input_ids.index_copy_(0, self.gather[0, :k], sampled.index_select(0, self.gather[1, :k]))
+
+    def _mark_staged(self) -> None:
+        if self.device.type == "cuda":
+            self._staged = torch.cuda.Event()
+            self._staged.record()

@@ -5,6 +5,12 @@ It keeps its own copy of each request's tokens and block ids, updated from the s
 its own samples, so nothing live crosses from the scheduler. Inputs go through persistent buffers;
 on CUDA, decode-only steps replay captured graphs. The only host sync per step is reading the
 sampled ids back.
+
+``execute`` is ``submit`` then ``collect``. Under async scheduling the engine submits step N+1 before it
+collects step N: a decode token whose id the host does not have yet (step N sampled it) is gathered on
+the device from step N's sampled-id tensor into N+1's input ids (``InputBuffers.gather_ids``), so
+nothing waits for the GPU between the two. Only a row whose sampler reads its output ids on the host
+(penalties, min_tokens) makes the runner collect step N first.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from shoal.workers.models.llama import KVCache, LlamaForCausalLM
 
 from .cuda_graphs import DecodeGraphs, default_capture_sizes
 from .input_buffers import InputBuffers, StepInputs
+from .pending_step import PendingStep
 from .sampler import Sampler, SamplingRow, make_generator
 
 
@@ -33,6 +40,10 @@ class CachedRequestState:
     num_computed_tokens: int
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None = None
+    needs_history: bool = False  # its sampler reads the output ids on the host (penalties, min_tokens)
+    num_pending: int = 0  # tokens sampled by submitted steps, not collected yet
+    pending_row: int = -1  # its row in the last submitted step's sampled ids
+    pending_step: int = -1  # which submission sampled it last
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -48,6 +59,7 @@ class RunnerTimes:
     sample_s: float = 0.0  # host: logits + sampler + the wait for the sampled ids (the two below)
     sample_launch_s: float = 0.0  # host: queuing lm_head and the sampler (on CPU: running them)
     sample_wait_s: float = 0.0  # host: blocked until the GPU has the sampled ids (forward included)
+    early_collects: int = 0  # async: steps collected before the next submit (a row needed its ids)
     gpu_s: float = 0.0
     gpu_forward_s: float = 0.0  # device: the model up to the hidden states (CUDA events)
     gpu_sample_s: float = 0.0  # device: lm_head + sampler + the ids' copy back
@@ -100,9 +112,13 @@ class ModelRunner:
         self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_seqs), max_seqs,
                                     -(-config.max_model_len // config.block_size), device)
         self.times = RunnerTimes()
-        self._pending_events: tuple | None = None
         # The sampled ids come back through pinned memory: the step's one host sync is on an event.
-        self._ids_host = torch.empty(max_seqs, dtype=torch.int64, pin_memory=device.type == "cuda")
+        # Two buffers: step N+1's copy may land before the host has read step N's.
+        self._ids_host = [torch.empty(max_seqs, dtype=torch.int64, pin_memory=device.type == "cuda")
+                          for _ in range(2)]
+        self._submitted = 0  # steps submitted so far
+        self._last: PendingStep | None = None  # the last submitted step
+        self._last_ids: torch.Tensor | None = None  # its sampled ids on the device: [num_sampled]
         self.graphs: DecodeGraphs | None = None
         if config.cuda_graphs and device.type == "cuda":
             self.graphs = DecodeGraphs(model, kv_caches, self.buffers, config.block_size,
@@ -111,11 +127,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.submit(sched).collect()
+
+    @torch.inference_mode()
+    def submit(self, sched: SchedulerOutput) -> PendingStep:
+        """Queue the step (inputs, forward, sampling, the ids' copy back) without waiting for it."""
         self._update_states(sched)
         if sched.is_empty:
-            return ModelRunnerOutput(sampled_token_ids={})
+            return PendingStep.ready(ModelRunnerOutput(sampled_token_ids={}))
+        self._collect_for_history(sched)
         t0 = time.perf_counter()
-        inputs, sampling_ids, graph_bs = self._prepare_inputs(sched)
+        inputs, states, graph_bs = self._prepare_inputs(sched)
         events = self._gpu_events_start()
         t1 = time.perf_counter()
         if graph_bs is not None:
@@ -127,27 +149,65 @@ class ModelRunner:
         t2 = time.perf_counter()
         mid = self._gpu_event(events)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab]
-        rows = [self._sampling_row(self.requests[rid]) for rid in sampling_ids]
-        ids_dev = self.sampler.sample_ids(logits, rows)
-        n = len(rows)
-        ids_host = self._ids_host[:n]
+        rows = [self._sampling_row(state) for state in states]
+        ids_dev = self.sampler.sample_ids(logits, rows)  # [num_sampling]
+        ids_host = self._ids_host[self._submitted % 2][:len(rows)]
         ids_host.copy_(ids_dev, non_blocking=self.device.type == "cuda")
-        t3 = time.perf_counter()
-        self._gpu_events_end(events, mid)  # its end event is what the host waits on
-        token_ids = ids_host.tolist()
-        t4 = time.perf_counter()
         wanted = any(r.params.logprobs is not None for r in rows)
-        lps = self.sampler.logprobs(logits, rows, ids_dev) if wanted else None
+        lps = self.sampler.logprobs_launch(logits, rows, ids_dev) if wanted else None
+        end = self._gpu_event(events)  # after every copy of the step: what collect() waits on
+        self._submitted += 1
+        for i, state in enumerate(states):
+            state.num_pending += 1
+            state.pending_row, state.pending_step = i, self._submitted
+        self._last_ids = ids_dev
+        t3 = time.perf_counter()
         t = self.times
         t.prepare_s, t.forward_s = t.prepare_s + t1 - t0, t.forward_s + t2 - t1
-        t.sample_launch_s, t.sample_wait_s = t.sample_launch_s + t3 - t2, t.sample_wait_s + t4 - t3
-        t.sample_s += time.perf_counter() - t2
-        logprobs = {}
-        for i, rid in enumerate(sampling_ids):
-            self.requests[rid].token_ids.append(token_ids[i])
+        t.sample_launch_s += t3 - t2
+        t.sample_s += t3 - t2
+        self._last = PendingStep(states=states, ids_host=ids_host, done=end, logprobs=lps,
+                                 timing=(events, mid, end) if events is not None else None,
+                                 finish=self._collect)
+        return self._last
+
+    def _collect(self, pending: PendingStep) -> ModelRunnerOutput:
+        t0 = time.perf_counter()
+        if pending.done is not None:
+            pending.done.synchronize()
+        token_ids = pending.ids_host.tolist()
+        t1 = time.perf_counter()
+        lps = self.sampler.logprobs_read(pending.logprobs) if pending.logprobs is not None else None
+        t = self.times
+        t.sample_wait_s += t1 - t0
+        t.sample_s += time.perf_counter() - t0
+        if pending.timing is not None:
+            s, m, e = pending.timing
+            t.gpu_s += s.elapsed_time(e) / 1e3
+            t.gpu_forward_s += s.elapsed_time(m) / 1e3
+            t.gpu_sample_s += m.elapsed_time(e) / 1e3
+        sampled, logprobs = {}, {}
+        for i, state in enumerate(pending.states):
+            state.num_pending -= 1
+            rid = state.request_id
+            if self.requests.get(rid) is state:  # not dropped (finished, preempted) since it was submitted
+                state.token_ids.append(token_ids[i])
+            sampled[rid] = token_ids[i]
             if lps is not None and lps[i] is not None:
                 logprobs[rid] = lps[i]
-        return ModelRunnerOutput(dict(zip(sampling_ids, token_ids)), logprobs)
+        return ModelRunnerOutput(sampled, logprobs)
+
+    def _collect_for_history(self, sched: SchedulerOutput) -> None:
+        """A row whose sampler reads its output ids on the host needs last step's token there now."""
+        last = self._last
+        if last is None or last.collected:
+            return
+        for rid in sched.num_scheduled_tokens:
+            state = self.requests[rid]
+            if state.num_pending and state.needs_history:
+                self.times.early_collects += 1
+                last.collect()
+                return
 
     def _gpu_events_start(self):
         if self.device.type != "cuda":
@@ -164,21 +224,6 @@ class ModelRunner:
         ev.record()
         return ev
 
-    def _gpu_events_end(self, start, mid=None) -> None:
-        """Record the step's end event and wait on it (the sampled ids' copy is queued before it)."""
-        if start is None:
-            return
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        end.synchronize()
-        if self._pending_events is not None:  # last step's events: read a step late, no extra waits
-            s, m, e = self._pending_events
-            self.times.gpu_s += s.elapsed_time(e) / 1e3
-            if m is not None:
-                self.times.gpu_forward_s += s.elapsed_time(m) / 1e3
-                self.times.gpu_sample_s += m.elapsed_time(e) / 1e3
-        self._pending_events = (start, mid, end)
-
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_request_ids:
             self.requests.pop(rid, None)
@@ -189,37 +234,54 @@ class ModelRunner:
             p = new.sampling_params
             if p.seed is not None and new.request_id not in self._generators:
                 self._generators[new.request_id] = make_generator(p.seed, self.device)
+            penalties = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
             self.requests[new.request_id] = CachedRequestState(
                 request_id=new.request_id, token_ids=list(new.token_ids),
                 num_prompt_tokens=new.num_prompt_tokens, params=p, block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens, eos_token_ids=new.eos_token_ids,
-                generator=self._generators.get(new.request_id))
+                generator=self._generators.get(new.request_id),
+                needs_history=penalties or p.min_tokens > 0)
         for cached in sched.cached_requests:
             state = self.requests[cached.request_id]
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    def _prepare_inputs(self, sched: SchedulerOutput) -> tuple[StepInputs, list[str], int | None]:
+    def _prepare_inputs(self, sched: SchedulerOutput
+                        ) -> tuple[StepInputs, list[CachedRequestState], int | None]:
         rows = []
         logits_indices: list[int] = []
-        sampling_ids: list[str] = []
+        sampling: list[CachedRequestState] = []
+        gather_dst: list[int] = []  # flat token positions whose id is last step's sample on the device
+        gather_src: list[int] = []  # ... and its row in last step's sampled ids
         t = 0
         for rid, n in sched.num_scheduled_tokens.items():
             state = self.requests[rid]
             start = state.num_computed_tokens
             end = start + n
-            rows.append((state.token_ids[start:end], start, n, state.block_ids))
+            known = len(state.token_ids)
+            if end > known:  # its last token is in flight: sampled by the step submitted just before
+                if end - known != 1 or state.num_pending != 1 or state.pending_step != self._submitted:
+                    raise RuntimeError(f"request {rid}: {end - known} tokens to compute are unknown, "
+                                       f"{state.num_pending} in flight (only the last step's token can be)")
+                tokens = state.token_ids[start:known] + [0]
+                gather_dst.append(t + n - 1)
+                gather_src.append(state.pending_row)
+            else:
+                tokens = state.token_ids[start:end]
+            rows.append((tokens, start, n, state.block_ids))
             t += n
             state.num_computed_tokens = end
-            if end == len(state.token_ids):  # caught up: this step yields its next token
+            if end == known + state.num_pending:  # caught up: this step yields its next token
                 logits_indices.append(t - 1)
-                sampling_ids.append(rid)
+                sampling.append(state)
         decode_only = t == len(rows)
         graph_bs = self.graphs.size_for(len(rows)) if self.graphs is not None and decode_only else None
         num_tokens, num_seqs, max_q, max_s = self.buffers.fill(rows, self.block_size, pad_to=graph_bs)
         width = self.buffers.max_blocks_per_seq if graph_bs else max(len(r[3]) for r in rows)
         inputs = self.buffers.upload(num_tokens, num_seqs, logits_indices, max_q, max_s, width)
-        return inputs, sampling_ids, graph_bs
+        if gather_dst:
+            self.buffers.gather_ids(gather_dst, gather_src, self._last_ids)
+        return inputs, sampling, graph_bs
 
     @torch.inference_mode()
     def profile_peak_memory(self) -> int:

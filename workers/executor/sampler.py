@@ -99,7 +99,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
         return out
     device = out.device
     sub_rows = [rows[i] for i in picked]
-    idx = torch.tensor(picked, device=device)
+    idx = _to_device(picked, torch.int64, device)
     sub = out.index_select(0, idx)  # [P, V]
     p = torch.tensor(
         [[r.params.repetition_penalty, r.params.frequency_penalty, r.params.presence_penalty]
@@ -149,7 +149,7 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
         tok_ids += banned
     if row_ids:
         dev = logits.device
-        logits[torch.tensor(row_ids, device=dev), torch.tensor(tok_ids, device=dev)] = _NEG_INF
+        logits[_to_device(row_ids, torch.int64, dev), _to_device(tok_ids, torch.int64, dev)] = _NEG_INF
     return logits
 
 
@@ -157,7 +157,7 @@ def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
     """In place: drop tokens whose prob < ``min_p * max prob`` (min_p = 0 drops nothing)."""
     # logits: [B, V], min_p: B values in [0, 1]
     probs = logits.softmax(dim=-1)
-    scale = torch.tensor(min_p, dtype=torch.float32).to(logits.device).unsqueeze(1)  # [B, 1]
+    scale = _to_device(list(min_p), torch.float32, logits.device).unsqueeze(1)  # [B, 1]
     return logits.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * scale, _NEG_INF)
 
 
@@ -185,19 +185,19 @@ def apply_top_k_top_p(
             return logits
         # No sort needed: the k-th largest of each active row from one topk over the largest k.
         max_k = max(k for k in ks if k < vocab)
-        k_idx = torch.tensor([min(k, max_k) - 1 for k in ks]).to(dev).unsqueeze(1)  # [B, 1]
+        k_idx = _to_device([min(k, max_k) - 1 for k in ks], torch.int64, dev).unsqueeze(1)  # [B, 1]
         kth = logits.topk(max_k, dim=-1).values.gather(1, k_idx)  # [B, 1]
-        off = torch.tensor([k == vocab for k in ks]).to(dev).unsqueeze(1)
+        off = _to_device([k == vocab for k in ks], torch.bool, dev).unsqueeze(1)
         return logits.masked_fill_((logits < kth) & ~off, _NEG_INF)
 
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V] each
     if ks is not None:
-        kth = sorted_logits.gather(1, torch.tensor(ks).to(dev).unsqueeze(1) - 1)  # [B, 1]
+        kth = sorted_logits.gather(1, _to_device(ks, torch.int64, dev).unsqueeze(1) - 1)  # [B, 1]
         sorted_logits.masked_fill_(sorted_logits < kth, _NEG_INF)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    threshold = torch.tensor([p if p < 1 else float("inf") for p in top_p], dtype=torch.float32)
-    remove = mass_before >= threshold.to(dev).unsqueeze(1)
+    threshold = _to_device([p if p < 1 else float("inf") for p in top_p], torch.float32, dev)
+    remove = mass_before >= threshold.unsqueeze(1)
     remove[:, 0] = False
     sorted_logits.masked_fill_(remove, _NEG_INF)
     return logits.scatter_(1, order, sorted_logits)
@@ -248,7 +248,18 @@ class Sampler:
     @staticmethod
     def logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow],
                  token_ids: torch.Tensor) -> list[TokenLogprobs | None]:
-        return _logprobs(logits, rows, token_ids)
+        return logprobs_read(logprobs_launch(logits, rows, token_ids))
+
+    @staticmethod
+    def logprobs_launch(logits: torch.Tensor, rows: Sequence[SamplingRow],
+                        token_ids: torch.Tensor) -> "LogprobsInFlight":
+        """Queue the logprobs and their copy to the host; read them with :meth:`logprobs_read`
+        once the step is done (no host sync here)."""
+        return logprobs_launch(logits, rows, token_ids)
+
+    @staticmethod
+    def logprobs_read(pending: "LogprobsInFlight") -> list[TokenLogprobs | None]:
+        return logprobs_read(pending)
 
     def _sample(self, x: torch.Tensor, rows: Sequence[SamplingRow], greedy: list[bool]) -> torch.Tensor:
         """Random rows' tokens (greedy rows get a meaningless value); ``x`` is consumed."""
@@ -279,7 +290,7 @@ class Sampler:
             if shared:
                 draw = torch.empty((len(shared), q.shape[1]), device=q.device)
                 draw.exponential_(generator=self.generator)
-                q.index_copy_(0, torch.tensor(shared, device=q.device), draw)
+                q.index_copy_(0, _to_device(shared, torch.int64, q.device), draw)
             for i, (r, g) in enumerate(zip(rows, greedy)):
                 if not g and r.generator is not None:
                     q[i].exponential_(generator=r.generator)
@@ -295,26 +306,53 @@ def _to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> to
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
-def _logprobs(
-    logits: torch.Tensor, rows: Sequence[SamplingRow], token_ids: torch.Tensor
-) -> list[TokenLogprobs | None]:
+@dataclass(frozen=True)
+class LogprobsInFlight:
+    """Logprobs of one step on their way to the host (pinned copies queued on CUDA)."""
+
+    num_rows: int
+    want: tuple[int, ...]  # rows that asked for logprobs
+    counts: tuple[int, ...]  # top-n each asked for
+    token: torch.Tensor | None = None  # [W] sampled ids
+    token_logprob: torch.Tensor | None = None  # [W]
+    rank: torch.Tensor | None = None  # [W]
+    top_logprobs: torch.Tensor | None = None  # [W, n_max]
+    top_ids: torch.Tensor | None = None  # [W, n_max]
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """A queued copy into pinned memory on CUDA (read it after the step's event); as is on CPU."""
+    if x.device.type != "cuda":
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+
+
+def logprobs_launch(logits: torch.Tensor, rows: Sequence[SamplingRow], token_ids: torch.Tensor) -> LogprobsInFlight:
     """Raw logprobs (log_softmax of the unmodified logits) of the sampled token, its rank and the top-n."""
     # logits: [B, V] raw model output, token_ids: [B]
-    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    out: list[TokenLogprobs | None] = [None] * len(rows)
+    want = tuple(i for i, r in enumerate(rows) if r.params.logprobs is not None)
+    counts = tuple(rows[i].params.logprobs for i in want)
     if not want:
-        return out
-    idx = torch.tensor(want, device=logits.device)
+        return LogprobsInFlight(len(rows), want, counts)
+    idx = _to_device(list(want), torch.int64, logits.device)
     lp = logits.index_select(0, idx).to(torch.float32).log_softmax(dim=-1)  # [W, V]
     tok = token_ids.index_select(0, idx).unsqueeze(1)  # [W, 1]
     tok_lp = lp.gather(1, tok)  # [W, 1]
     rank = (lp >= tok_lp).sum(dim=-1)  # [W]; ties count against the token, as in vLLM
-    n_max = min(max(rows[i].params.logprobs for i in want), lp.shape[1])
+    n_max = min(max(counts), lp.shape[1])
     top_lp, top_ids = lp.topk(n_max, dim=-1) if n_max else (lp[:, :0], tok[:, :0])  # [W, n_max]
-    tok_l, tok_lp_l, rank_l = tok.squeeze(1).tolist(), tok_lp.squeeze(1).tolist(), rank.tolist()
-    top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
-    for j, i in enumerate(want):
-        n = rows[i].params.logprobs
+    return LogprobsInFlight(len(rows), want, counts, _to_host(tok.squeeze(1)), _to_host(tok_lp.squeeze(1)),
+                            _to_host(rank), _to_host(top_lp), _to_host(top_ids))
+
+
+def logprobs_read(pending: LogprobsInFlight) -> list[TokenLogprobs | None]:
+    """The host values of :func:`logprobs_launch` (on CUDA: only after the step's copies are done)."""
+    out: list[TokenLogprobs | None] = [None] * pending.num_rows
+    if not pending.want:
+        return out
+    tok_l, tok_lp_l, rank_l = pending.token.tolist(), pending.token_logprob.tolist(), pending.rank.tolist()
+    top_lp_l, top_ids_l = pending.top_logprobs.tolist(), pending.top_ids.tolist()
+    for j, (i, n) in enumerate(zip(pending.want, pending.counts)):
         top = tuple(zip(top_ids_l[j][:n], top_lp_l[j][:n]))
         out[i] = TokenLogprobs(tok_l[j], tok_lp_l[j], rank_l[j], top)
     return out
