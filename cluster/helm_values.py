@@ -2,12 +2,12 @@
 
 ``helm/shoal/values.yaml`` is written by hand but for one block between two marker lines: the
 ``deployment.engine`` defaults, one key per ``EngineConfig`` field (but those the spec sets elsewhere),
-each with its help and limits as a comment. ``values.schema.json`` is generated whole: the engine and
+each with its help and limits as a comment; the chart README's engine table likewise. ``values.schema.json`` is generated whole: the engine and
 ``kv_transfer`` keys from ``EngineConfig`` / ``DisaggConfig``, the rest from the small tree below, so
 helm refuses a bad value naming its path before anything is rendered.
 
-    python -m shoal.cluster.helm_values          # rewrite both files
-    python -m shoal.cluster.helm_values --check  # exit 1 when either is out of date (tests, CI)
+    python -m shoal.cluster.helm_values          # rewrite the generated files
+    python -m shoal.cluster.helm_values --check  # exit 1 when one is out of date (tests, CI)
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from shoal.workers.options import OptionInfo, describe
 CHART = Path(__file__).resolve().parents[1] / "helm" / "shoal"
 BEGIN = "  # -- BEGIN GENERATED engine (python -m shoal.cluster.helm_values) --"
 END = "  # -- END GENERATED engine --"
+README_BEGIN = "<!-- BEGIN GENERATED engine (python -m shoal.cluster.helm_values) -->"
+README_END = "<!-- END GENERATED engine -->"
 SPEC_SETS = ("model", "tensor_parallel_size")  # the spec sets these once, not per pool engine
 TP_SIZES = (1, 2, 4, 8, 16, 32, 64)  # GPUs of one pod: a power of two
 
@@ -56,13 +58,31 @@ def engine_block() -> str:
     return "\n".join(lines)
 
 
+def engine_table() -> str:
+    """The README's rows for ``deployment.engine.<key>`` (also valid under ``pools.<role>.engine``)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for o in engine_options():
+        note = o.help + (f" ({o.limits})" if o.limits else "")
+        rows.append(f"| `deployment.engine.{o.name}` | `{_yaml_scalar(o.default)}` | {note.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def _replace_between(text: str, begin: str, end: str, body: str, what: str) -> str:
+    head, sep, rest = text.partition(begin + "\n")
+    _, sep2, tail = rest.partition(end)
+    if not sep or not sep2:
+        raise ValueError(f"{what} must hold the marker lines {begin!r} and {end!r}")
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
 def render_values(text: str) -> str:
     """``text`` (values.yaml) with its generated block replaced."""
-    head, sep, rest = text.partition(BEGIN + "\n")
-    _, sep2, tail = rest.partition(END)
-    if not sep or not sep2:
-        raise ValueError(f"values.yaml must hold the marker lines {BEGIN!r} and {END!r}")
-    return f"{head}{BEGIN}\n{engine_block()}\n{END}{tail}"
+    return _replace_between(text, BEGIN, END, engine_block(), "values.yaml")
+
+
+def render_readme(text: str) -> str:
+    """``text`` (the chart's README.md) with its generated engine table replaced."""
+    return _replace_between(text, README_BEGIN, README_END, engine_table(), "README.md")
 
 
 # -- values.schema.json -----------------------------------------------------------------------------
@@ -190,21 +210,21 @@ def render_schema() -> str:
 
 # -- the files ----------------------------------------------------------------------------------------
 
+def generated(chart: Path = CHART) -> dict[Path, str]:
+    """Each generated file of ``chart`` -> its content as it should be now."""
+    values, readme = chart / "values.yaml", chart / "README.md"
+    return {values: render_values(values.read_text()), readme: render_readme(readme.read_text()),
+            chart / "values.schema.json": render_schema()}
+
+
 def outdated(chart: Path = CHART) -> list[str]:
     """The generated files of ``chart`` whose content differs from what would be generated now."""
-    values, schema = chart / "values.yaml", chart / "values.schema.json"
-    stale = []
-    if render_values(values.read_text()) != values.read_text():
-        stale.append(str(values))
-    if not schema.exists() or schema.read_text() != render_schema():
-        stale.append(str(schema))
-    return stale
+    return [str(p) for p, text in generated(chart).items() if not p.exists() or p.read_text() != text]
 
 
 def write(chart: Path = CHART) -> None:
-    values = chart / "values.yaml"
-    values.write_text(render_values(values.read_text()))
-    (chart / "values.schema.json").write_text(render_schema())
+    for path, text in generated(chart).items():
+        path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
