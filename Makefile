@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 PROMPT ?= The capital of France is
 
-.PHONY: install test serve generate clean
+.PHONY: install test serve generate chart-values clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ serve: $(STAMP)
 
 generate: $(STAMP)
 	$(VENV)/bin/shoal generate --model smollm2-135m --max-tokens 64 "$(PROMPT)"
+
+# The chart's engine values, values.schema.json and README engine table, from EngineConfig.
+chart-values: $(STAMP)
+	$(PY) -m shoal.cluster.helm_values
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

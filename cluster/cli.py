@@ -8,6 +8,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .flags import add_engine_args, add_kv_transfer_args, add_router_args, engine_kwargs
 
+# RouterConfig fields a deployment's spec sets for all its routers: `shoal router` has no flag for them.
+SPEC_OWNED = ("placement", "disagg_min_prefill_tokens")
+
 
 def _version() -> str:
     try:
@@ -26,6 +29,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from .launch import launch
 
     return launch(args)
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from .router_process import router_main
+
+    return router_main(args)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -123,8 +132,37 @@ def build_parser() -> argparse.ArgumentParser:
     lch.add_argument("--hang-timeout", type=float, default=60.0,
                      help="seconds a started replica may leave every health ping unanswered before it is "
                           "killed and restarted (default: %(default)s)")
+    lch.add_argument("--no-routers", dest="routers", action="store_false",
+                     help="start and watch the workers only; the routers run apart (`shoal router`, e.g. a "
+                          "Kubernetes Deployment)")
+    lch.add_argument("--takeover-wait", type=float, default=0.0, metavar="SECONDS",
+                     help="when workers of this deployment are still registered (a launcher that died: its "
+                          "actors die with it and their leases run out), wait up to this long for them to go "
+                          "before refusing to start (default: %(default)s: refuse at once)")
     lch.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
     lch.set_defaults(func=cmd_launch)
+
+    rtr = sub.add_parser(
+        "router", help="serve the OpenAI API for a launched deployment, its workers found through etcd",
+        description="One router replica, no Ray and no GPU: reads the deployment's spec from etcd (put there "
+                    "by `shoal launch`), follows its worker membership, serves once a worker is healthy "
+                    "(/health: alive, /ready: can serve), registers itself, drains on SIGTERM.")
+    rtr.add_argument("--etcd", required=True, help="etcd host:port[,host:port]")
+    rtr.add_argument("--deployment", required=True, help="the deployment's name (the spec's name)")
+    rtr.add_argument("--prefix", default="/shoal", help="etcd key prefix (default: %(default)s)")
+    rtr.add_argument("--host", default="0.0.0.0", help="bind address (default: %(default)s)")
+    rtr.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)")
+    rtr.add_argument("--advertise-host", default=None,
+                     help="the host the registered URL names when binding a wildcard (default: the hostname)")
+    rtr.add_argument("--router-id", default=None, help="its etcd registration id (default: the hostname)")
+    rtr.add_argument("--tokenizer", default=None, help="tokenizer path (default: the spec's, else the model's)")
+    rtr.add_argument("--lease-ttl", type=int, default=10, help="etcd lease TTL in s (default: %(default)s)")
+    rtr.add_argument("--ready-timeout", type=float, default=600.0,
+                     help="seconds to wait for etcd, the spec and a healthy worker (default: %(default)s)")
+    rtr.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="on SIGTERM, seconds in-flight requests may take to finish (default: %(default)s)")
+    add_router_args(rtr, skip=SPEC_OWNED)
+    rtr.set_defaults(func=cmd_router)
 
     for name, func, help_text in (("status", cmd_status, "list deployments, their workers and routers from etcd"),
                                   ("stop", cmd_stop, "stop a launched deployment (its shoal launch drains "

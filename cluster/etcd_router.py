@@ -7,6 +7,7 @@ Its own module because both ``shoal launch`` (router 0, in the launcher) and the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 
 from shoal.cluster.registry import MembershipWatcher, RouterRegistration
@@ -33,13 +34,16 @@ class EtcdRouter:
     register under ``routers/<router_id>`` (a lease of ``lease_ttl_s``), so a balancer that reads etcd
     never sends to a router that cannot answer. :meth:`stop` deregisters first, then drains.
     ``advertise_host`` is the host its URL names when it binds a wildcard address (the node's IP).
+    ``config``: the router's edge settings (limits, CORS, API key); its placement fields are the spec's.
     """
 
     def __init__(self, spec: DeploymentSpec, client, *, host: str = "0.0.0.0", port: int | None = None,
                  health_interval_s: float = 1.0, tokenizer: str | None = None, router_id: str | None = None,
                  lease_ttl_s: int = 10, advertise_host: str | None = None, meta: dict | None = None,
-                 ready_timeout_s: float = 600.0, drain_timeout_s: float = 30.0) -> None:
+                 ready_timeout_s: float = 600.0, drain_timeout_s: float = 30.0,
+                 config: RouterConfig | None = None) -> None:
         self.spec, self.client = spec, client
+        self.base_config = config or RouterConfig()  # the HTTP edge; placement comes from the spec
         self.host = host
         self.port = spec.router.port if port is None else port
         self.health_interval_s = health_interval_s
@@ -85,9 +89,9 @@ class EtcdRouter:
         options = dict(router.policy_options)
         if router.policy == "prefix_aware":
             options.setdefault("block_size", self.spec.block_size)
-        return RouterConfig(placement=router.policy, placement_options=options,
-                            health_interval_s=self.health_interval_s,
-                            disagg_min_prefill_tokens=router.disagg_min_prefill_tokens)
+        return dataclasses.replace(self.base_config, placement=router.policy, placement_options=options,
+                                   health_interval_s=self.health_interval_s,
+                                   disagg_min_prefill_tokens=router.disagg_min_prefill_tokens)
 
     async def start(self) -> int:
         """Listen, follow membership, become ready, register; -> the bound port. Raises (leaving

@@ -25,9 +25,20 @@ def add_kv_transfer_args(p: argparse.ArgumentParser) -> None:
     add_arguments(p.add_argument_group("KV transfer (disaggregated prefill/decode)"), DisaggConfig)
 
 
-def add_router_args(p: argparse.ArgumentParser) -> None:
-    """A flag per ``RouterConfig`` field (``--policy`` sets ``placement``)."""
-    add_arguments(p.add_argument_group("router"), RouterConfig)
+def add_router_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """A flag per ``RouterConfig`` field but ``skip`` (``--policy`` sets ``placement``)."""
+    add_arguments(p.add_argument_group("router"), RouterConfig, skip=skip)
+
+
+def api_key(args: argparse.Namespace, environ) -> str | None:
+    """``--api-key``, else ``$SHOAL_API_KEY`` from ``environ`` (so the key need not show in the
+    process list; in Kubernetes, a Secret), else None (the API is open)."""
+    return args.api_key or environ.get("SHOAL_API_KEY") or None
+
+
+def edge_config(args: argparse.Namespace, **overrides) -> RouterConfig:
+    """The ``RouterConfig`` of ``shoal router``'s flags (its placement fields are the spec's)."""
+    return from_namespace(RouterConfig, args, **overrides)
 
 
 def router_config(args: argparse.Namespace, **overrides) -> RouterConfig:

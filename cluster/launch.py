@@ -69,6 +69,30 @@ async def resolve_etcd(spec: DeploymentSpec, cli_etcd: str | None, node_ip: str)
 
 # -- launch ---------------------------------------------------------------------------------------
 
+async def wait_for_no_workers(client, spec: DeploymentSpec, endpoints: str, wait_s: float) -> None:
+    """Return once no worker of ``spec`` is registered; after ``wait_s`` refuse with a ValueError.
+
+    A launcher that died (a Kubernetes pod killed, a node lost) takes its actors with it (Ray
+    fate-shares an actor with the driver that made it), and their keys go when their leases run out:
+    a restarted launcher waits that long (``--takeover-wait``), then starts the deployment afresh.
+    Keys that outlast the wait belong to a launcher that is still alive: two must not run one deployment.
+    """
+    from shoal.cluster.registry import list_workers
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    said = False
+    while await list_workers(client, spec.name, spec.etcd.prefix):
+        if loop.time() >= deadline:
+            raise ValueError(f"deployment {spec.name!r} already has workers registered in etcd at {endpoints}"
+                             + (f" after waiting {wait_s:g} s" if wait_s else "")
+                             + f"; `shoal stop {spec.name} --etcd {endpoints}` first")
+        if not said:
+            _say(f"workers of {spec.name!r} are still registered; waiting up to {wait_s:g} s for their leases "
+                 "to run out (--takeover-wait)")
+            said = True
+        await asyncio.sleep(0.5)
+
 def _connect_ray(address: str | None) -> None:
     import ray
 
@@ -83,12 +107,13 @@ class Launch:
     Routers start after the controller (the spec is in etcd and the workers serve by then) and stop
     before it, so none outlives the workers it routes to. :meth:`stop` is safe after a partial start
     and twice. ``node_ip`` is the host router 0's URL names when it binds a wildcard address.
+    ``routers=False``: workers only (``shoal launch --no-routers``; the routers run as ``shoal router``).
     """
 
     def __init__(self, spec: DeploymentSpec, client, *, etcd_endpoints: str, node_ip: str,
                  host: str = "0.0.0.0", port: int | None = None, lease_ttl_s: int = 10,
                  start_timeout_s: float = 600.0, health_interval_s: float = 1.0, hang_timeout_s: float = 60.0,
-                 extra_resources_per_rank: dict | None = None) -> None:
+                 extra_resources_per_rank: dict | None = None, routers: bool = True) -> None:
         import ray
 
         from shoal.cluster.controller import Controller
@@ -102,6 +127,7 @@ class Launch:
                                      start_timeout_s=start_timeout_s, hang_timeout_s=hang_timeout_s,
                                      extra_resources_per_rank=extra_resources_per_rank)
         self.router: EtcdRouter | None = None
+        self.with_routers = routers
         self.routers = RouterReplicas(spec, client, etcd_endpoints=etcd_endpoints, local_node_id=self.node_id,
                                       host=host, port=self.port, lease_ttl_s=lease_ttl_s,
                                       start_timeout_s=min(start_timeout_s, 120.0),
@@ -118,9 +144,12 @@ class Launch:
         what was made) if any part fails to start."""
         from shoal.cluster.ray_router import router_id
 
-        self.routers.check_nodes()  # before the workers spend minutes loading
+        if self.with_routers:
+            self.routers.check_nodes()  # before the workers spend minutes loading
         try:
             await self.controller.start()
+            if not self.with_routers:
+                return self.urls
             self.router = EtcdRouter(self.spec, self.client, host=self.host, port=self.port,
                                      health_interval_s=self.health_interval_s, router_id=router_id(0),
                                      lease_ttl_s=self.lease_ttl_s, advertise_host=self.node_ip,
@@ -157,7 +186,6 @@ async def _launch(spec: DeploymentSpec, args: argparse.Namespace) -> int:
     import ray
 
     from shoal.cluster.controller import control_key
-    from shoal.cluster.registry import list_workers
 
     node_ip = args.host_ip or ray.util.get_node_ip_address()
     endpoints, client, embedded = await resolve_etcd(spec, args.etcd, node_ip)
@@ -167,19 +195,18 @@ async def _launch(spec: DeploymentSpec, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     deployment = None
     try:
-        if await list_workers(client, spec.name, spec.etcd.prefix):
-            raise ValueError(f"deployment {spec.name!r} already has workers registered in etcd at {endpoints}; "
-                             f"`shoal stop {spec.name} --etcd {endpoints}` first")
+        await wait_for_no_workers(client, spec, endpoints, args.takeover_wait)
         await client.delete(control_key(spec.name, spec.etcd.prefix).encode())  # an old stop is not for us
         deployment = Launch(spec, client, etcd_endpoints=endpoints, node_ip=node_ip, host=args.host,
                             port=args.port, lease_ttl_s=args.lease_ttl, start_timeout_s=args.start_timeout,
-                            hang_timeout_s=args.hang_timeout)
+                            hang_timeout_s=args.hang_timeout, routers=args.routers)
         n = sum(p.replicas for p in spec.pools.values())
-        _say(f"starting {spec.name!r}: {n} replica(s) of {spec.model}, {spec.router.replicas} router(s), "
-             f"etcd {endpoints}")
+        routers = f"{spec.router.replicas} router(s)" if args.routers else "no routers (--no-routers)"
+        _say(f"starting {spec.name!r}: {n} replica(s) of {spec.model}, {routers}, etcd {endpoints}")
         started = time.monotonic()
         urls = [f"{url}/v1" for url in await deployment.start()]
-        where = f"router on {urls[0]}" if len(urls) == 1 else f"{len(urls)} routers on {', '.join(urls)}"
+        where = (f"router on {urls[0]}" if len(urls) == 1 else f"{len(urls)} routers on {', '.join(urls)}"
+                 if urls else f"{n} worker replica(s) serving; routers run apart")
         _say(f"ready in {time.monotonic() - started:.1f} s: {where} (model {spec.model!r}, etcd {endpoints})")
         why = await deployment.run(stop, interval_s=args.check_interval)
         _say(f"stopping {spec.name!r} ({'shoal stop' if why == 'control' else 'signal'})")

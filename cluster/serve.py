@@ -29,11 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from shoal.router.host import RouterHost, StartupError, bind_socket
 from shoal.workers.models.files import check_model, tokenizer_path
 
-from .flags import router_config, worker_flags
+from .flags import api_key, router_config, worker_flags
 from .supervisor import WorkerSupervisor
 from .worker_process import WorkerProcess, WorkerStartError
 
-__all__ = ["bind_socket", "make_workers", "serve", "worker_roles"]
+__all__ = ["bind_socket", "make_workers", "run_loop", "serve", "worker_roles"]
 
 
 def worker_roles(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -109,7 +109,7 @@ def _roles_line(roles: list[tuple[str, str]]) -> str:
 def _router_config(args: argparse.Namespace):
     """Generated from RouterConfig's declaration (cluster/flags.py); the API key may also come from
     ``SHOAL_API_KEY``, so it need not show in the process list."""
-    return router_config(args, api_key=args.api_key or os.environ.get("SHOAL_API_KEY") or None)
+    return router_config(args, api_key=api_key(args, os.environ))
 
 
 def _check(args: argparse.Namespace) -> str:
@@ -147,13 +147,13 @@ def serve(args: argparse.Namespace) -> int:
         sock.close()
         raise
     try:
-        return _run(_serve(args, config, tokenizer, workers, sock))
+        return run_loop(_serve(args, config, tokenizer, workers, sock))
     finally:
         stop_workers(workers)
         print("shoal serve: stopped", file=sys.stderr, flush=True)
 
 
-def _run(coro) -> int:
+def run_loop(coro) -> int:
     """Run on uvloop when it is installed (what uvicorn itself would pick)."""
     try:
         import uvloop

@@ -42,6 +42,7 @@ TORCH_FREE = [
     "shoal.router.host",
     "shoal.router.metrics",
     "shoal.cluster.etcd_router",
+    "shoal.cluster.router_process",
     "shoal.cluster.flags",
     "shoal.cluster.serve",
     "shoal.workers.metrics",
@@ -133,4 +134,37 @@ def test_the_blocker_blocks():
     # The harness must be able to fail: a module that imports torch is caught, with the name tried.
     result = import_without_torch("shoal.workers.llm_engine")
     assert result["error"] is not None and "torch" in result["attempts"]
+    assert result["loaded"] == []
+
+
+# `shoal router`'s own start, run with torch blocked: etcd, the spec from etcd, the tokenizer, the app
+# listening and following membership; no worker registers, so it gives up waiting and says so.
+ROUTER_PROCESS = r"""
+import contextlib, io
+from shoal.cluster.cli import main
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = main(["router", "--etcd", ETCD, "--deployment", "torch-free", "--port", "0", "--ready-timeout", "2"])
+assert code == 2 and "no worker became healthy within 2 s" in err.getvalue(), (code, err.getvalue())
+"""
+
+
+def test_the_standalone_router_starts_without_torch(etcd_server):
+    import asyncio
+
+    from shoal.cluster.registry import connect, put_spec
+    from shoal.cluster.spec import DeploymentSpec
+    from shoal.workers.models.files import tokenizer_path
+
+    spec = DeploymentSpec.from_dict({"name": "torch-free", "model": "smollm2-135m", "pools": {"unified": {
+        "engine": {"tokenizer": str(tokenizer_path("smollm2-135m"))}}}})
+
+    async def put():
+        client = await connect(etcd_server.endpoint)
+        await put_spec(client, spec)
+        await client.close()
+
+    asyncio.run(put())
+    result = import_without_torch("shoal.cluster.cli", run=f"ETCD = {etcd_server.endpoint!r}\n" + ROUTER_PROCESS)
+    assert result["error"] is None, f"shoal router needs {result['attempts']}:\n{result['error']}"
     assert result["loaded"] == []

@@ -1,0 +1,145 @@
+{{/* Names, labels and the pieces several templates share. */}}
+
+{{- define "shoal.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "shoal.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains (include "shoal.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "shoal.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "shoal.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "shoal.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "shoal.labels" -}}
+{{ include "shoal.selectorLabels" . }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: shoal
+{{- end -}}
+
+{{- define "shoal.deploymentName" -}}
+{{- default (include "shoal.fullname" .) .Values.deployment.name -}}
+{{- end -}}
+
+{{- define "shoal.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "shoal.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "shoal.image" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+
+{{- define "shoal.etcdHeadless" -}}
+{{- printf "%s-etcd-headless" (include "shoal.fullname" .) -}}
+{{- end -}}
+
+{{/* host:port[,host:port] every shoal process connects to. */}}
+{{- define "shoal.etcdEndpoints" -}}
+{{- if eq .Values.etcd.mode "external" -}}
+{{- required "etcd.external.endpoints must name at least one host:port when etcd.mode is external" (join "," .Values.etcd.external.endpoints) -}}
+{{- else -}}
+{{- printf "%s-etcd:2379" (include "shoal.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "shoal.rayHeadService" -}}
+{{- printf "%s-head-svc" (include "shoal.fullname" .) -}}
+{{- end -}}
+
+{{/* The DeploymentSpec (cluster/spec.py) as YAML: the launcher's -f file. Null engine values are left out. */}}
+{{- define "shoal.spec" -}}
+{{- $d := .Values.deployment -}}
+{{- $pools := dict -}}
+{{- range $role, $p := $d.pools -}}
+{{- $engine := dict -}}
+{{- range $k, $v := merge (deepCopy (default dict $p.engine)) (default dict $d.engine) -}}
+{{- if not (kindIs "invalid" $v) -}}{{- $_ := set $engine $k $v -}}{{- end -}}
+{{- end -}}
+{{- $pool := dict "replicas" $p.replicas "tensor_parallel_size" $p.tensor_parallel_size "engine" $engine -}}
+{{- if $p.resources_per_rank -}}{{- $_ := set $pool "resources_per_rank" $p.resources_per_rank -}}{{- end -}}
+{{- if $p.kv_transfer -}}{{- $_ := set $pool "kv_transfer" $p.kv_transfer -}}{{- end -}}
+{{- $_ := set $pools $role $pool -}}
+{{- end -}}
+{{- $etcd := dict "endpoints" (splitList "," (include "shoal.etcdEndpoints" .)) "prefix" $d.etcd.prefix -}}
+{{- $router := dict "replicas" 1 "port" (int .Values.router.port) "policy" $d.router.policy "policy_options" (default dict $d.router.policy_options) "disagg_min_prefill_tokens" $d.router.disagg_min_prefill_tokens -}}
+{{- $spec := dict "name" (include "shoal.deploymentName" .) "model" .Values.model.name "pools" $pools "router" $router "etcd" $etcd -}}
+{{- if $d.autoscaling -}}{{- $_ := set $spec "autoscaling" $d.autoscaling -}}{{- end -}}
+{{- toYaml $spec -}}
+{{- end -}}
+
+{{/* The model volume (pvc / hostPath), or nothing (builtin, image). */}}
+{{- define "shoal.modelVolume" -}}
+{{- if eq .Values.model.source "pvc" }}
+- name: model
+  persistentVolumeClaim:
+    claimName: {{ required "model.pvc.claimName is required when model.source is pvc" .Values.model.pvc.claimName }}
+    readOnly: true
+{{- else if eq .Values.model.source "hostPath" }}
+- name: model
+  hostPath:
+    path: {{ required "model.hostPath.path is required when model.source is hostPath" .Values.model.hostPath.path }}
+    type: Directory
+{{- end }}
+{{- end -}}
+
+{{- define "shoal.modelMount" -}}
+{{- if has .Values.model.source (list "pvc" "hostPath") }}
+- name: model
+  mountPath: {{ .Values.model.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Placement of a pod: nodeSelector, tolerations, affinity, priorityClassName of the given values. */}}
+{{- define "shoal.placement" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{- define "shoal.podCommon" -}}
+serviceAccountName: {{ include "shoal.serviceAccountName" . }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Environment of every shoal process: no telemetry, no hub downloads, a writable HOME. */}}
+{{- define "shoal.env" -}}
+- name: RAY_USAGE_STATS_ENABLED
+  value: "0"
+- name: HF_HUB_OFFLINE
+  value: "1"
+- name: HOME
+  value: /tmp
+{{- end -}}
