@@ -64,6 +64,7 @@ class Profile:
         check(self.cold_start_s >= 0, "cold_start_s must be >= 0")
         check(self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1 and self.kv_capacity_tokens >= 1,
               "limits must be >= 1")
+        object.__setattr__(self, "_memo", {})  # (batch, context) -> step time; not a field
 
     # -- predictions --------------------------------------------------------------------------------
 
@@ -75,7 +76,15 @@ class Profile:
         return prompt_len / self.prefill_time(prompt_len)
 
     def decode_step_time(self, batch: float, context: float) -> float:
-        """Seconds of one decode step of ``batch`` requests with ``context`` tokens each."""
+        """Seconds of one decode step of ``batch`` requests with ``context`` tokens each (contexts
+        rounded to 16 tokens: a simulator asks millions of times)."""
+        key = (batch, round(context / 16) * 16)
+        cached = self._memo.get(key)
+        if cached is None:
+            cached = self._memo[key] = self._decode_uncached(*key)
+        return cached
+
+    def _decode_uncached(self, batch: float, context: float) -> float:
         per_ctx = [_interp(self.decode_batches, [row[c] for row in self.decode_step_s], max(batch, 1))
                    for c in range(len(self.decode_contexts))]
         return _interp(self.decode_contexts, per_ctx, context)

@@ -19,7 +19,7 @@ from shoal.workers.protocol import WorkerLoad
 from ..profile import Profile
 
 
-@dataclass
+@dataclass(slots=True)
 class SimRequest:
     request_id: str
     arrival: float
@@ -30,10 +30,10 @@ class SimRequest:
     first_token: float | None = None
     last_token: float | None = None
     queued_at: float = 0.0  # when it entered its current queue (router or worker)
+    prompt_len: int = field(init=False)
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_ids)
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.prompt_ids)
 
     @property
     def prefilled(self) -> bool:
@@ -99,19 +99,24 @@ class SimWorker:
                 break
             used += nxt.prompt_len + nxt.output_len
             self.running.append(self.waiting.popleft())
-        decoding = [r for r in self.running if r.prefilled]
+        decoding, prefilling, context = [], [], 0
+        for r in self.running:
+            if r.computed >= r.prompt_len:
+                decoding.append(r)
+                context += r.prompt_len + r.generated
+            else:
+                prefilling.append(r)
         budget -= len(decoding)
         chunks = []
-        for r in self.running:
+        for r in prefilling:
             if budget <= 0:
                 break
-            if not r.prefilled:
-                chunk = min(budget, r.prompt_len - r.computed)
-                chunks.append((r, chunk))
-                budget -= chunk
+            chunk = min(budget, r.prompt_len - r.computed)
+            chunks.append((r, chunk))
+            budget -= chunk
         if not decoding and not chunks:
             return None
-        context = sum(r.prompt_len + r.generated for r in decoding) / len(decoding) if decoding else 0.0
+        context = context / len(decoding) if decoding else 0.0
         self._step = (decoding, chunks)
         self.busy = True
         return p.step_time(len(decoding), context, sum(c for _, c in chunks))
