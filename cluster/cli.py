@@ -193,6 +193,8 @@ BENCHMARKS = [
     ("serve", "serve", "load generator for any OpenAI-compatible server: TTFT, TPOT, ITL, throughput"),
     ("router", "router", "time the router adds between client and worker, both ways, at concurrency 1"),
     ("kv-transfer", "kv_transfer", "KV block transfer bandwidth between two devices beside the send/recv ceiling"),
+    ("profile", "profile", "measure a worker's prefill and decode step times: the autoscaling profile"),
+    ("autoscale", "autoscale", "simulate autoscaling policies on traces: SLO attainment against replica-hours"),
 ]
 
 

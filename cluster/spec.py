@@ -45,7 +45,6 @@ from shoal.workers.disagg_config import DisaggConfig
 from shoal.workers.options import OptionError, check_mapping, defaults
 
 POOL_ROLES = ("unified", "prefill", "decode")
-AUTOSCALING_METRICS = ("kv_usage", "num_waiting", "num_running")  # WorkerLoad fields, averaged per pool
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a DNS-1123 label: usable in k8s names too
 _MEMORY = re.compile(r"^(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 _UNITS = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -316,35 +315,64 @@ class EtcdSpec:
             return cls(**d)
 
 
+_BOUNDS_KEYS = ("min_replicas", "max_replicas", "policy")
+
+
 @dataclass(frozen=True)
 class PoolAutoscaling:
-    """Keep the pool's mean ``metric`` near ``target`` with between min and max replicas."""
+    """A pool's replica bounds and the autoscaling policy that moves it between them.
+
+    In files the policy's knobs sit flat beside the bounds; they are exactly the fields of the
+    policy's config dataclass (``cluster/autoscale``), checked by its declaration::
+
+        autoscaling:
+          decode:
+            min_replicas: 1
+            max_replicas: 8
+            policy: slo           # static | target (default) | queue | slo
+            ttft_s: 2.0           # the slo policy's knobs (docs/autoscaling.md lists every policy's)
+            itl_s: 0.15
+
+    Specs from before the policies (``metric`` / ``target`` only) are ``target`` policies.
+    """
 
     max_replicas: int
     min_replicas: int = 1
-    metric: str = "kv_usage"
-    target: float = 0.8
+    policy: str = "target"
+    options: Mapping[str, Any] = field(default_factory=dict)  # the policy's knobs
 
     def __post_init__(self) -> None:
+        from shoal.cluster.autoscale import available_policies, check_policy_options
+
         _check_int(self.min_replicas, "min_replicas", minimum=0)
         _check_int(self.max_replicas, "max_replicas", minimum=max(1, self.min_replicas))
-        if self.metric not in AUTOSCALING_METRICS:
-            raise SpecError("metric", f"must be one of {list(AUTOSCALING_METRICS)}, got {self.metric!r}")
-        _check_number(self.target, "target")
-        if self.target <= 0 or (self.metric == "kv_usage" and self.target > 1):
-            limit = "in (0, 1]" if self.metric == "kv_usage" else "> 0"
-            raise SpecError("target", f"must be {limit} for metric {self.metric}, got {self.target}")
+        if self.policy not in available_policies():
+            raise SpecError("policy", f"must be one of {available_policies()}, got {self.policy!r}")
+        if not isinstance(self.options, Mapping):
+            raise SpecError("", f"policy options must be a mapping, got {type(self.options).__name__}")
+        for key in self.options:
+            if key in _BOUNDS_KEYS:
+                raise SpecError(key, "is a bound, not a policy option")
+        try:
+            options = check_policy_options(self.policy, self.options, "")
+        except OptionError as e:
+            raise SpecError(e.field or e.where, e.message) from None
+        object.__setattr__(self, "options", _frozen(options))
 
     def to_dict(self) -> dict:
-        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-                "metric": self.metric, "target": self.target}
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas, "policy": self.policy,
+                **dict(self.options)}
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> "PoolAutoscaling":
-        d = _mapping(data, path, ("min_replicas", "max_replicas", "metric", "target"), "an autoscaling field",
-                     required=("max_replicas",))
+        if not isinstance(data, Mapping):
+            raise SpecError(path, f"must be a mapping, got {type(data).__name__}")
+        if "max_replicas" not in data:
+            raise SpecError(_join(path, "max_replicas"), "is required")
+        bounds = {k: v for k, v in data.items() if k in _BOUNDS_KEYS}
+        options = {k: v for k, v in data.items() if k not in _BOUNDS_KEYS}
         with _under(path):
-            return cls(**d)
+            return cls(**bounds, options=options)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def test_the_example_loads_with_its_values(example):
     assert example.block_size == 16
     assert example.router == RouterSpec(replicas=2, policy="prefix_aware", port=8000)
     assert example.etcd.endpoints == ("etcd-0.etcd:2379", "etcd-1.etcd:2379", "etcd-2.etcd:2379")
-    assert example.autoscaling == {"decode": PoolAutoscaling(min_replicas=1, max_replicas=8, target=0.75)}
+    assert example.autoscaling == {"decode": PoolAutoscaling(min_replicas=1, max_replicas=8, policy="slo", options={"ttft_s": 2.0, "itl_s": 0.15})}
 
 
 def test_round_trips_through_dict_json_and_yaml(example, tmp_path):
@@ -121,8 +121,10 @@ BAD = [
     (_set("autoscaling.decode.min_replicas", 3), "pools.decode.replicas must be within autoscaling [3, 8], got 2"),
     (_set("autoscaling.decode.max_replicas", DELETE), "autoscaling.decode.max_replicas is required"),
     (_set("autoscaling.decode.max_replicas", 0), "autoscaling.decode.max_replicas must be >= 1, got 0"),
-    (_set("autoscaling.decode.metric", "qps"), "autoscaling.decode.metric must be one of ['kv_usage'"),
-    (_set("autoscaling.decode.target", 1.5), "autoscaling.decode.target must be in (0, 1] for metric kv_usage"),
+    (_set("autoscaling.decode.policy", "magic"), "autoscaling.decode.policy must be one of ['queue', 'slo'"),
+    (_set("autoscaling.decode.ttft_s", 0), "autoscaling.decode.ttft_s must be > 0, got 0"),
+    (_set("autoscaling.decode.ttft", 1.0), "autoscaling.decode.ttft is not an option of the 'slo' policy "
+                                           "(did you mean 'ttft_s'?)"),
     (_set("autoscaling.unified", {"max_replicas": 2}), "autoscaling.unified names no pool"),
     (_set("pools.prefill.kv_transfer.foo", 1), "pools.prefill.kv_transfer.foo is not a kv_transfer (DisaggConfig) "
                                                "field; known: export_ttl_s, link_timeout_s"),
