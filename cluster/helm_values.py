@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shoal.cluster.spec import AUTOSCALING_METRICS, POOL_ROLES
+from shoal.cluster.autoscale import available_policies, policy_options
+from shoal.cluster.spec import POOL_ROLES
 from shoal.workers.config import EngineConfig
 from shoal.workers.disagg_config import DisaggConfig
 from shoal.workers.options import OptionInfo, describe
@@ -145,13 +146,22 @@ def pool_schema() -> dict:
     })
 
 
+def autoscaling_schema() -> dict:
+    """A pool's ``autoscaling`` block: the bounds, the policy's name, and the knobs of every policy
+    (each from its own config declaration; the spec checks that they belong to the chosen policy)."""
+    knobs: dict = {}
+    for name in available_policies():
+        for o in policy_options(name):
+            schema = option_schema(o)
+            knobs[o.name] = schema if knobs.get(o.name, schema) == schema else {}  # two policies disagree: any
+    return obj({"min_replicas": NONNEG, "max_replicas": {"type": "integer", "minimum": 1},
+                "policy": {"enum": available_policies()}, **knobs}, required=("max_replicas",))
+
+
 def values_schema() -> dict:
     pools = obj({role: pool_schema() for role in POOL_ROLES}, description="worker pools by role")
     pools["minProperties"] = 1
-    autoscaling = obj({role: obj({"min_replicas": NONNEG, "max_replicas": {"type": "integer", "minimum": 1},
-                                  "metric": {"enum": list(AUTOSCALING_METRICS)},
-                                  "target": {"type": "number", "exclusiveMinimum": 0}}, required=("max_replicas",))
-                       for role in POOL_ROLES})
+    autoscaling = obj({role: autoscaling_schema() for role in POOL_ROLES})
     deployment = obj({
         "name": STR,
         "router": obj({"policy": {"type": "string", "minLength": 1}, "policy_options": MAP,
