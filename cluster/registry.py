@@ -298,7 +298,8 @@ class LeasedKey:
             return True
         lease_id, self.lease_id = self.lease_id, None
         try:
-            await asyncio.wait_for(self.client.revoke_lease(lease_id), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self.client.revoke_lease(lease_id)
             return True
         except Exception as e:  # noqa: BLE001 - unreachable etcd: the TTL finishes the job
             if "lease not found" in str(e):  # it expired already and took the key with it
@@ -333,7 +334,10 @@ class LeasedKey:
         while True:
             await self._sleep(delay)
             try:
-                reply = await asyncio.wait_for(self.client.refresh_lease(self.lease_id), interval)
+                # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that races the reply,
+                # and then abandon()/deregister() wait on this loop forever (seen in a full CI run).
+                async with asyncio.timeout(interval):
+                    reply = await self.client.refresh_lease(self.lease_id)
                 if reply is None or reply.TTL <= 0:
                     log.warning("lease of %s is gone; registering again", self.key)
                     await self._register()
