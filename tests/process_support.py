@@ -4,7 +4,10 @@ names a test's own directory, and killing them (TERM, then KILL) by pid."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import threading
 import time
 
 
@@ -51,3 +54,33 @@ def kill_tree(pids: set[int], grace_s: float = 5.0) -> None:
                                                   "zombie" not in open(f"/proc/{p}/status").read().lower()
                                                   for p in pids if os.path.exists(f"/proc/{p}")):
             time.sleep(0.2)
+
+
+class OutputLines:
+    """A child's stdout lines, read in a thread; :meth:`wait_for` a regex without sleeping."""
+
+    def __init__(self, proc: subprocess.Popen, name: str = "process") -> None:
+        self.proc, self.name, self.lines, self.changed = proc, name, [], threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+        with self.changed:
+            self.lines.append(None)  # the child closed its output
+            self.changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        def hit():
+            return next((m for l in self.lines if l is not None for m in [re.search(pattern, l)] if m), None)
+
+        with self.changed:
+            self.changed.wait_for(lambda: hit() or None in self.lines, timeout)
+            m = hit()
+        assert m, f"{self.name}: no line matching {pattern!r} within {timeout} s:\n{self.text()[-3000:]}"
+        return m
+
+    def text(self) -> str:
+        return "".join(l for l in self.lines if l is not None)

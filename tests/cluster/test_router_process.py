@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import subprocess
 import sys
-import threading
 
 import httpx
 import pytest
 from tests.cluster.serve_support import TINY, sse_events
+from tests.process_support import OutputLines
 
 from shoal.cluster.launch import wait_for_no_workers
 from shoal.cluster.registry import WorkerRegistration, connect, list_routers, put_spec
@@ -38,31 +37,7 @@ def router_command(etcd: str, *extra: str) -> list[str]:
             "--host", "127.0.0.1", "--port", "0", "--advertise-host", "127.0.0.1", *extra]
 
 
-class Lines:
-    """A child's stdout+stderr lines, read in a thread; :meth:`wait_for` a regex without sleeping."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc, self.lines, self.changed = proc, [], threading.Condition()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            with self.changed:
-                self.lines.append(line)
-                self.changed.notify_all()
-        with self.changed:
-            self.lines.append(None)
-            self.changed.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        with self.changed:
-            ok = self.changed.wait_for(lambda: any(l is None or re.search(pattern, l) for l in self.lines), timeout)
-            found = [m for l in self.lines if l is not None for m in [re.search(pattern, l)] if m]
-        assert ok and found, f"no line matching {pattern!r}:\n{self.text()}"
-        return found[0]
-
-    def text(self) -> str:
-        return "".join(l for l in self.lines if l is not None)
+Lines = OutputLines  # the router child's output
 
 
 def test_router_process_serves_a_deployment_found_in_etcd(etcd_server):

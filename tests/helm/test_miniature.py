@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import pytest
 from shoal.cluster.etcd import find_etcd_binary, free_port
 from tests.cluster.serve_support import sse_events
 from tests.helm.helm_support import find
-from tests.process_support import descendants, kill_tree, processes_mentioning
+from tests.process_support import OutputLines, descendants, kill_tree, processes_mentioning
 from tests.ray_support import short_tmpdir
 
 pytestmark = pytest.mark.slow
@@ -84,32 +83,16 @@ class Proc:
     """A local process with its output lines collected; :meth:`wait_for` a line without sleeping."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        self.name, self.lines, self.cond = name, [], threading.Condition()
+        self.name = name
         self.proc = subprocess.Popen(argv, env={**os.environ, **env, **MACHINE_ENV}, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            with self.cond:
-                self.lines.append(line)
-                self.cond.notify_all()
-        with self.cond:
-            self.lines.append(None)
-            self.cond.notify_all()
+        self.out = OutputLines(self.proc, name)
 
     def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        def hit():
-            return next((m for l in self.lines if l for m in [re.search(pattern, l)] if m), None)
-
-        with self.cond:
-            self.cond.wait_for(lambda: hit() or None in self.lines, timeout)
-            m = hit()
-        assert m, f"{self.name}: no {pattern!r} within {timeout} s:\n{self.output()[-3000:]}"
-        return m
+        return self.out.wait_for(pattern, timeout)
 
     def output(self) -> str:
-        return "".join(l for l in self.lines if l)
+        return self.out.text()
 
 
 def ray_start(params: dict, head: bool, local: Local, temp: Path, gcs: int) -> list[str]:
