@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     lch.add_argument("-f", "--file", required=True, help="deployment spec (.yaml, .yml or .json)")
     lch.add_argument("--address", default=None, help="Ray address: auto, ray://host:10001 or host:port "
                                                      "(default: $RAY_ADDRESS, else auto)")
+    lch.add_argument("--connect-timeout", type=float, default=120.0, metavar="SECONDS",
+                     help="how long to keep retrying a ray:// address that refuses the connection "
+                          "(default: %(default)s)")
     lch.add_argument("--etcd", default=None, help="etcd host:port[,host:port] (default: the spec's; an "
                                                   "embedded etcd when that is the default and none answers)")
     lch.add_argument("--host", default="0.0.0.0", help="every router's bind address on its node "

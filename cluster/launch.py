@@ -93,11 +93,28 @@ async def wait_for_no_workers(client, spec: DeploymentSpec, endpoints: str, wait
             said = True
         await asyncio.sleep(0.5)
 
-def _connect_ray(address: str | None) -> None:
+def _connect_ray(address: str | None, timeout_s: float) -> None:
+    """Join the Ray cluster at ``address``. A Ray Client address (``ray://``) is retried until
+    ``timeout_s``: a launcher pod can start before the head answers, and the head's client server can
+    fail one session's start; a connect that never succeeds is one clear error line."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
-    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            return
+        except ConnectionError as e:
+            ray.shutdown()
+            if not address.startswith("ray://"):
+                raise ValueError(f"cannot connect to the Ray cluster at {address}: {e}") from None
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            if time.monotonic() >= deadline:
+                raise ValueError(f"cannot connect to the Ray cluster at {address} within {timeout_s:g} s "
+                                 f"(--connect-timeout): {reason}") from None
+            _say(f"Ray at {address} refused the connection ({reason}); retrying")
+            time.sleep(2.0)
 
 
 class Launch:
@@ -225,7 +242,7 @@ def launch(args: argparse.Namespace) -> int:
     spec = load_spec(args.file)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _connect_ray(args.address)
+    _connect_ray(args.address, args.connect_timeout)
     try:
         return asyncio.run(_launch(spec, args))
     finally:

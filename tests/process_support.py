@@ -1,5 +1,5 @@
 """Processes a test started, found from /proc (no psutil): their descendants, those whose command line
-names a test's own directory, and killing them (TERM, then KILL) by pid."""
+or environment names a test's own directory, and killing them (TERM, then KILL) by pid."""
 
 from __future__ import annotations
 
@@ -31,14 +31,19 @@ def descendants(pids: set[int]) -> set[int]:
 
 
 def processes_mentioning(text: str) -> set[int]:
+    """Processes (not this one) whose command line or initial environment names ``text``: the
+    environment catches those started with a test's directory only in it (Ray's client server
+    proxy: ``RAY_TMPDIR``), which outlive their parent."""
     found = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                if text in open(f"/proc/{entry}/cmdline").read():
-                    found.add(int(entry))
-            except OSError:
-                pass
+            for part in ("cmdline", "environ"):
+                try:
+                    if text in open(f"/proc/{entry}/{part}", errors="replace").read():
+                        found.add(int(entry))
+                        break
+                except OSError:
+                    pass
     return found
 
 

@@ -4,7 +4,7 @@
 # STEP: tests | gputests | base | async | limits | profile | profile-b | latency | serve  (each writes its logs and JSON as it finishes).
 # serve: `shoal serve` on the 8B shape (dummy weights, Llama 3's tokenizer from tests/data) and
 # `shoal bench serve` with exactly the dataset/config blocks of ../shared/peer/h200-2026-12-02/shoal_serve_c*.json.
-# shoal itself runs from this checkout.
+# shoal itself runs from this checkout. SERVE_FLAGS: extra `shoal serve` flags (e.g. --async-scheduling).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT/r" /tmp/site/shoal
@@ -50,7 +50,7 @@ for s in "$@"; do
       step b-limits 240 shoal bench throughput --workload b --model llama-3.1-8b --hf-subset 0 --max-num-seqs 1024 --max-num-batched-tokens 16384 --result-file "$OUT/r/b-limits.json" ;;
     serve)
       gunzip -c tests/data/tokenizers/ggml-vocab-llama-bpe.gguf.gz > /tmp/llama3-vocab.gguf
-      shoal serve --model llama-3.1-8b --load-format dummy --tokenizer /tmp/llama3-vocab.gguf --port 8100 \
+      shoal serve --model llama-3.1-8b --load-format dummy --tokenizer /tmp/llama3-vocab.gguf --port 8100 ${SERVE_FLAGS:-} \
         > "$OUT/r/serve.log" 2>&1 &
       srv=$!
       for _ in $(seq 600); do

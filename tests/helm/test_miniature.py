@@ -178,7 +178,10 @@ def test_the_cpu_chart_runs_as_local_processes(helm):
             routers.append(Proc(f"router-{i}", argv, env))
             procs.append(routers[-1])
             urls.append(f"http://127.0.0.1:{port}")
-        launcher.wait_for(r"ready in [\d.]+ s", 120)
+        try:
+            launcher.wait_for(r"ready in [\d.]+ s", 120)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{ray_client_logs(temp)}") from None
         for r, url in zip(routers, urls):
             r.wait_for(r"ready on http://\S+/v1", 60)
             assert httpx.get(f"{url}/ready", timeout=5).status_code == 200
@@ -213,6 +216,13 @@ def test_the_cpu_chart_runs_as_local_processes(helm):
         shutil.rmtree(base, ignore_errors=True)
     assert not left, f"processes of the miniature survived: {left}"
     assert all(p.proc.poll() is not None for p in procs)
+
+
+def ray_client_logs(temp: Path) -> str:
+    """The Ray Client servers' own logs (the proxy's and each per-client server's): why a ray:// connect failed."""
+    logs = sorted(p for p in (temp / "session_latest" / "logs").glob("*")
+                  if p.is_file() and ("client" in p.name or "runtime_env" in p.name))
+    return "\n".join(f"--- {p.name}:\n{p.read_text(errors='replace')[-3000:]}" for p in logs) or "no Ray Client logs"
 
 
 def _ok(url: str) -> bool:
