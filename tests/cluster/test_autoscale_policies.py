@@ -1,0 +1,97 @@
+"""The autoscaling policies as pure objects: observation in, desired replicas out (no Ray, no clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoal.cluster.autoscale import (Bounds, PoolObservation, available_policies, check_policy_options,
+                                     make_policy)
+from shoal.cluster.autoscale.behavior import BehaviorConfig, Stabilizer
+from shoal.workers.options import OptionError
+
+
+def obs(now: float, ready: int, **kw) -> PoolObservation:
+    return PoolObservation(now=now, ready_replicas=ready, **kw)
+
+
+def test_the_registry_names_every_policy_and_refuses_an_unknown_one():
+    assert {"static", "target", "queue", "slo"} <= set(available_policies())
+    with pytest.raises(ValueError, match=r"unknown autoscaling policy 'hpa'.*choose one of"):
+        make_policy("hpa", Bounds(1, 4))
+
+
+def test_bad_options_are_refused_by_name_and_limit():
+    with pytest.raises(OptionError, match=r"autoscaling\.unified\.target"):
+        check_policy_options("target", {"metric": "kv_usage", "target": 1.5}, "autoscaling.unified")
+    with pytest.raises(OptionError, match="tolerance"):
+        check_policy_options("target", {"tolerance": 2}, "autoscaling.unified")
+    with pytest.raises(OptionError, match="no_such_knob"):
+        check_policy_options("queue", {"no_such_knob": 1}, "autoscaling.decode")
+    assert check_policy_options("queue", {"target_waiting": 2}) == {"target_waiting": 2}
+
+
+def test_bounds_clamp_and_refuse_an_empty_range():
+    b = Bounds(1, 3)
+    assert [b.clamp(n) for n in (0, 2, 9)] == [1, 2, 3]
+    assert Bounds(0, 2).clamp(0) == 0
+    for lo, hi in ((2, 1), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match="replica bounds"):
+            Bounds(lo, hi)
+
+
+def test_static_holds_its_count_within_the_bounds():
+    assert make_policy("static", Bounds(1, 4)).decide(obs(0, 1, num_waiting=50)).replicas == 4
+    assert make_policy("static", Bounds(1, 4), replicas=2).decide(obs(0, 4)).replicas == 2
+    assert make_policy("static", Bounds(1, 4), replicas=9).decide(obs(0, 4)).replicas == 4
+
+
+def test_target_tracks_its_metric_per_replica_with_a_tolerance():
+    p = make_policy("target", Bounds(1, 8), metric="num_running", target=4, scale_down_window_s=0)
+    assert p.decide(obs(0, 2, num_running=16)).replicas == 4  # 8 per replica vs 4: double
+    assert p.decide(obs(1, 4, num_running=17)).replicas == 4  # 4.25: inside the 10 % tolerance
+    assert p.decide(obs(2, 4, num_running=4)).replicas == 1  # 1 per replica: shrink
+    assert p.decide(obs(3, 4, num_running=400)).replicas == 8  # the bound
+
+
+def test_target_activates_a_pool_at_zero_and_never_empties_one_with_work():
+    p = make_policy("target", Bounds(0, 4), metric="kv_usage", target=0.8, scale_down_window_s=0)
+    assert p.decide(obs(0, 0)).replicas == 0
+    assert p.decide(obs(1, 0, num_waiting=1)).replicas == 1
+    assert p.decide(obs(2, 2, kv_usage=0.0, num_running=1)).replicas == 1
+    assert p.decide(obs(3, 1, kv_usage=0.0)).replicas == 0
+
+
+def test_queue_scales_on_waiting_requests_and_on_time_in_queue():
+    p = make_policy("queue", Bounds(1, 10), target_waiting=4, max_queue_time_s=5, scale_down_window_s=0)
+    assert p.decide(obs(0, 1, num_waiting=10)).replicas == 3
+    d = p.decide(obs(1, 3, num_waiting=1, max_queue_time_s=6))
+    assert d.replicas == 4 and "oldest waited 6.0s" in d.reason
+    assert p.decide(obs(2, 4, num_running=3)).replicas == 1
+    assert d.inputs["num_waiting"] == 1
+
+
+def test_the_stabilizer_holds_scale_down_for_its_window_and_limits_steps():
+    s = Stabilizer(BehaviorConfig(scale_down_window_s=10, max_step_up=2, max_step_down=1))
+    assert s.apply(0, 1, 6) == (3, "up (limited to 2 a step)")
+    assert s.apply(1, 3, 6)[0] == 5
+    assert s.apply(2, 5, 6)[0] == 6
+    desired, why = s.apply(5, 6, 2)
+    assert desired == 6 and "scale-down window" in why  # 6 was recommended 3 s ago
+    assert s.apply(13, 6, 2)[0] == 5  # window passed: down, one step
+    assert s.apply(14, 5, 2)[0] == 4
+
+
+def test_the_stabilizer_scale_up_window_takes_the_lowest_recent_recommendation():
+    s = Stabilizer(BehaviorConfig(scale_up_window_s=5, scale_down_window_s=0))
+    assert s.apply(0, 1, 1)[0] == 1
+    assert s.apply(1, 1, 4)[0] == 1  # a spike inside the window does not move the pool yet
+    assert s.apply(7, 1, 4)[0] == 4
+
+
+def test_every_decision_stays_within_the_bounds_and_says_why():
+    for name in ("static", "target", "queue"):
+        p = make_policy(name, Bounds(2, 5))
+        for t, (ready, waiting, running) in enumerate([(2, 0, 0), (2, 100, 50), (5, 0, 0), (3, 7, 1)]):
+            d = p.decide(obs(float(t * 400), ready, num_waiting=waiting, num_running=running,
+                             kv_usage=min(1.0, running / 10)))
+            assert 2 <= d.replicas <= 5 and d.reason, (name, t, d)
