@@ -48,6 +48,10 @@ class Experiment:
         return CapacityModel(self.profile, Slo(self.ttft_s, self.itl_s, self.quantile)).rate("unified", self.mix)
 
     def trace(self, name: str) -> Trace:
+        if self.rate_per_replica() <= 0:
+            raise ValueError(f"profile {self.profile.model!r} on {self.profile.device} serves no rate inside TTFT "
+                             f"<= {self.ttft_s:g} s and ITL <= {self.itl_s:g} s (p{self.quantile * 100:g}) for "
+                             f"{self.input_len}-token prompts: loosen the SLO or profile a faster worker")
         return make_trace(name, self.peak_replicas * self.rate_per_replica(), self.duration_s, self.seed,
                           self.input_len, self.output_len)
 

@@ -45,8 +45,9 @@ class Trace:
 
     @property
     def mean_rate(self) -> float:
-        ends = [s for s, _ in self.segments[1:]] + [self.duration_s]
-        return sum((e - s) * r for (s, r), e in zip(self.segments, ends)) / self.duration_s
+        d = self.duration_s
+        ends = [s for s, _ in self.segments[1:]] + [d]
+        return sum(max(0.0, min(e, d) - min(s, d)) * r for (s, r), e in zip(self.segments, ends)) / d
 
 
 def shape(name: str, duration_s: float, rng: random.Random, step_s: float = 10.0) -> list[tuple[float, float]]:
