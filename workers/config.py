@@ -59,7 +59,7 @@ class EngineConfig:
     cuda_graphs: bool = option(True, "capture decode steps as CUDA graphs (GPU only)")
     async_scheduling: bool | None = option(
         None, "schedule step N+1 and post-process step N while the device runs N+1 (overlap host with GPU); "
-              "unset: off (it becomes the CUDA default once measured on the GPU); needs tensor_parallel_size 1")
+              "unset: on for CUDA at tensor_parallel_size 1, off on CPU and with tensor parallelism")
     kv_events: bool = option(False, "record cached-block changes for subscribers (the router's prefix "
                                     "index; worker servers always turn it on)")
     tensor_parallel_size: int = option(1, "ranks one engine is split over (processes on this machine; gloo "

@@ -30,12 +30,14 @@ log = logging.getLogger(__name__)
 
 
 def resolve_async_scheduling(config: EngineConfig, device: torch.device) -> bool:
-    """``async_scheduling`` set: as set (EngineConfig refuses True with TP > 1). Unset: off for now.
-    It pays only on CUDA at one rank (on a CPU nothing runs asynchronously to overlap with), and it
-    becomes the CUDA default once the H200 on/off runs of issue 15 have shown its GPU tests green and
-    its gain; until then a GPU user turns it on with ``--async-scheduling``."""
-    del device  # the default will depend on it (CUDA, one rank) once measured
-    return bool(config.async_scheduling)
+    """``async_scheduling`` set: as set (EngineConfig refuses True with TP > 1). Unset: on for CUDA at
+    one rank, where it was measured faster (H200, issue 15: 8B throughput +13 %, batch-1 5.14 -> 4.89 ms
+    a token, serving +11-15 %), off on a CPU (nothing runs asynchronously there to overlap with) and
+    with tensor parallelism (its executor runs each step to the end)."""
+    if config.async_scheduling is not None:
+        return bool(config.async_scheduling)
+    return device.type == "cuda" and config.tensor_parallel_size == 1
+
 
 CPU_MAX_MODEL_LEN = 8192
 

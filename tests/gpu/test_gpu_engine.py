@@ -78,7 +78,8 @@ def test_gpu_async_scheduling_matches_sync(tiny_checkpoints, cuda_graphs):
     assert got[True] == got[False]
 
 
-def test_gpu_async_scheduling_is_opt_in_until_measured(tiny_checkpoints):
+def test_gpu_async_scheduling_is_the_cuda_default_and_can_be_turned_off(tiny_checkpoints):
     path, _ = tiny_checkpoints["llama"]
-    llm = LLM(path, device="cuda", dtype="float32", max_model_len=256, num_kv_blocks=64, max_num_seqs=8)
-    assert not llm.engine.async_scheduling
+    kw = dict(device="cuda", dtype="float32", max_model_len=256, num_kv_blocks=64, max_num_seqs=8)
+    assert LLM(path, **kw).engine.async_scheduling
+    assert not LLM(path, async_scheduling=False, **kw).engine.async_scheduling
