@@ -6,7 +6,7 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from .flags import add_engine_args, add_kv_transfer_args, add_router_args, engine_kwargs
+from .flags import add_engine_args, add_etcd_arg, add_kv_transfer_args, add_router_args, engine_kwargs
 
 # RouterConfig fields a deployment's spec sets for all its routers: `shoal router` has no flag for them.
 SPEC_OWNED = ("placement", "disagg_min_prefill_tokens")
@@ -120,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     lch.add_argument("--connect-timeout", type=float, default=120.0, metavar="SECONDS",
                      help="how long to keep retrying a ray:// address that refuses the connection "
                           "(default: %(default)s)")
-    lch.add_argument("--etcd", default=None, help="etcd host:port[,host:port] (default: the spec's; an "
-                                                  "embedded etcd when that is the default and none answers)")
+    add_etcd_arg(lch, default_help="the spec's; an embedded etcd when that is the default and none answers")
     lch.add_argument("--host", default="0.0.0.0", help="every router's bind address on its node "
                                                        "(default: %(default)s)")
     lch.add_argument("--port", type=int, default=None, help="every router's port on its node; 0: each picks "
@@ -150,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One router replica, no Ray and no GPU: reads the deployment's spec from etcd (put there "
                     "by `shoal launch`), follows its worker membership, serves once a worker is healthy "
                     "(/health: alive, /ready: can serve), registers itself, drains on SIGTERM.")
-    rtr.add_argument("--etcd", required=True, help="etcd host:port[,host:port]")
+    add_etcd_arg(rtr, required=True)
     rtr.add_argument("--deployment", required=True, help="the deployment's name (the spec's name)")
     rtr.add_argument("--prefix", default="/shoal", help="etcd key prefix (default: %(default)s)")
     rtr.add_argument("--host", default="0.0.0.0", help="bind address (default: %(default)s)")
@@ -174,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stop":
             p.add_argument("name", help="the deployment's name")
             p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for it to go")
-        p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd host:port (default: %(default)s)")
+        add_etcd_arg(p, default="127.0.0.1:2379")
         p.add_argument("--prefix", default="/shoal", help="etcd key prefix (default: %(default)s)")
         p.set_defaults(func=func)
 

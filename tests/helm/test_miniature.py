@@ -14,6 +14,7 @@ the other answers; teardown leaves no process of the test running. Readiness is 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ import httpx
 import pytest
 
 from shoal.cluster.etcd import find_etcd_binary, free_port
+from shoal.cluster.registry import connect, list_routers, list_workers
 from tests.cluster.serve_support import sse_events
 from tests.helm.helm_support import find
 from tests.process_support import OutputLines, descendants, kill_tree, processes_mentioning
@@ -36,9 +38,10 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 HOST_PORT = re.compile(r"(?<![\w.-])((?:[a-z0-9-]+\.)*[a-z0-9-]+):(\d{2,5})\b")
-# Set on every local process: this machine's needs (a second Ray node on one host must be allowed; no
-# token auth; the venv's ray and shoal on PATH).
-MACHINE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled",
+# Set on every local process: this machine's needs (Ray on loopback, see ray_cli.py; no token auth;
+# the venv's ray and shoal on PATH).
+RAY_CLI = Path(__file__).resolve().parent / "ray_cli.py"
+MACHINE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
                "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
 
 
@@ -96,8 +99,9 @@ class Proc:
 
 
 def ray_start(params: dict, head: bool, local: Local, temp: Path, gcs: int) -> list[str]:
-    """``ray start`` as KubeRay builds it from rayStartParams, with this machine's additions."""
-    argv = [str(BIN / "ray"), "start", "--head" if head else f"--address=127.0.0.1:{gcs}"]
+    """``ray start`` as KubeRay builds it from rayStartParams, with this machine's additions (and through
+    ray_cli.py, which keeps both nodes on 127.0.0.1)."""
+    argv = [sys.executable, str(RAY_CLI), "start", "--head" if head else f"--address=127.0.0.1:{gcs}"]
     if head:
         argv.append(f"--port={gcs}")
     for key, value in params.items():
@@ -189,6 +193,8 @@ def test_the_cpu_chart_runs_as_local_processes(helm):
 
         status, text = chat(urls[0])
         assert status == 200 and text.strip(), (status, text)
+        members = asyncio.run(registered_addresses(f"127.0.0.1:{local.port('etcd', '2379')}", "demo-shoal"))
+        assert members and all(m.startswith(("127.0.0.1:", "http://127.0.0.1:")) for m in members), members
         print(f"router 0 answered: {text!r}")
         routers[0].proc.kill()
         routers[0].proc.wait(10)
@@ -216,6 +222,16 @@ def test_the_cpu_chart_runs_as_local_processes(helm):
         shutil.rmtree(base, ignore_errors=True)
     assert not left, f"processes of the miniature survived: {left}"
     assert all(p.proc.poll() is not None for p in procs)
+
+
+async def registered_addresses(etcd: str, deployment: str) -> list[str]:
+    """The worker endpoints and router URLs in etcd: every one must be on loopback."""
+    client = await connect(etcd)
+    try:
+        return ([w.endpoint for w in await list_workers(client, deployment)]
+                + [r.url for r in await list_routers(client, deployment)])
+    finally:
+        await client.close()
 
 
 def ray_client_logs(temp: Path) -> str:

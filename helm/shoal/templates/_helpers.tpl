@@ -51,6 +51,12 @@ app.kubernetes.io/part-of: shoal
 {{/* host:port[,host:port] every shoal process connects to. */}}
 {{- define "shoal.etcdEndpoints" -}}
 {{- if eq .Values.etcd.mode "external" -}}
+{{- $tls := include "shoal.etcdTls" . -}}
+{{- range .Values.etcd.external.endpoints -}}
+{{- if and $tls (not (hasPrefix "https://" .)) -}}
+{{- fail (printf "etcd.external.tls.secretName is set, so every etcd.external.endpoints entry must be https://host:port; got %q" .) -}}
+{{- end -}}
+{{- end -}}
 {{- required "etcd.external.endpoints must name at least one host:port when etcd.mode is external" (join "," .Values.etcd.external.endpoints) -}}
 {{- else -}}
 {{- printf "%s-etcd:2379" (include "shoal.fullname" .) -}}
@@ -134,7 +140,13 @@ imagePullSecrets:
 {{- end }}
 {{- end -}}
 
-{{/* Environment of every shoal process: no telemetry, no hub downloads, a writable HOME. */}}
+{{/* "true" when an external etcd's TLS Secret is given (and etcd.mode is external), else "". */}}
+{{- define "shoal.etcdTls" -}}
+{{- if and (eq .Values.etcd.mode "external") .Values.etcd.external.tls.secretName -}}true{{- end -}}
+{{- end -}}
+
+{{/* Environment of every shoal process: no telemetry, no hub downloads, a writable HOME; the etcd
+     TLS files (cluster/etcd_tls.py) when an external etcd's TLS Secret is given. */}}
 {{- define "shoal.env" -}}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
@@ -142,4 +154,31 @@ imagePullSecrets:
   value: "1"
 - name: HOME
   value: /tmp
+{{- if include "shoal.etcdTls" . }}
+{{- $tls := .Values.etcd.external.tls }}
+- name: SHOAL_ETCD_CACERT
+  value: /var/run/shoal/etcd-tls/{{ required "etcd.external.tls.caKey is required with etcd.external.tls.secretName" $tls.caKey }}
+{{- if $tls.certKey }}
+- name: SHOAL_ETCD_CERT
+  value: /var/run/shoal/etcd-tls/{{ $tls.certKey }}
+- name: SHOAL_ETCD_KEY
+  value: /var/run/shoal/etcd-tls/{{ required "etcd.external.tls.keyKey is required with etcd.external.tls.certKey" $tls.keyKey }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The etcd TLS Secret as a volume, and its mount: in every pod that runs a shoal process. */}}
+{{- define "shoal.etcdTlsVolume" -}}
+{{- if include "shoal.etcdTls" . }}
+- name: etcd-tls
+  secret:
+    secretName: {{ .Values.etcd.external.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{- define "shoal.etcdTlsMount" -}}
+{{- if include "shoal.etcdTls" . }}
+- {name: etcd-tls, mountPath: /var/run/shoal/etcd-tls, readOnly: true}
+{{- end }}
 {{- end -}}
