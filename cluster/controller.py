@@ -55,7 +55,7 @@ def bundle_of(pool: PoolSpec, extra: Mapping[str, float] | None = None) -> dict[
     processes). Zero entries are left out (Ray refuses an all-zero bundle)."""
     res, n = pool.resources_per_rank, pool.tensor_parallel_size
     bundle = {"CPU": res.cpu * n, "GPU": res.gpu * n, "memory": res.memory * n,
-              **{k: v * n for k, v in dict(extra or {}).items()}}
+              **{k: v * n for k, v in {**res.custom, **dict(extra or {})}.items()}}
     bundle = {k: v for k, v in bundle.items() if v}
     if not bundle:
         raise ValueError("resources_per_rank must reserve something (CPU, GPU or memory > 0): "

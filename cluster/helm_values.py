@@ -139,7 +139,10 @@ def pool_schema() -> dict:
         "replicas": NONNEG,
         "tensor_parallel_size": {"enum": list(TP_SIZES), "description": "GPUs of one replica's pod: a power of two"},
         "resources_per_rank": obj({"CPU": {"type": "number", "minimum": 0}, "GPU": {"type": "number", "minimum": 0},
-                                   "memory": QUANTITY}),
+                                   "memory": QUANTITY,
+                                   "custom": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0},
+                                              "description": "Ray custom resources of one rank; the pool's "
+                                                             "worker group offers them"}}),
         "engine": options_object(engine_options(), "this pool's EngineConfig settings over deployment.engine"),
         "kv_transfer": options_object(describe(DisaggConfig), "DisaggConfig settings of this pool's workers"),
         "kubernetes": obj({**PLACEMENT, "shmSize": QUANTITY, "annotations": MAP, "labels": MAP}),

@@ -183,26 +183,38 @@ def parse_memory(value: Any, path: str = "memory") -> int:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one tensor-parallel rank (one Ray actor) reserves. Keys in files: ``CPU``, ``GPU``, ``memory``."""
+    """What one tensor-parallel rank (one Ray actor) reserves. Keys in files: ``CPU``, ``GPU``, ``memory``,
+    and ``custom``: Ray custom resources by name (e.g. one that only the pool's own nodes offer, which
+    is how the Helm chart pins a pool's replicas to its worker group)."""
 
     cpu: float = 1.0
     gpu: float = 0.0
     memory: int = 0  # bytes; 0: no reservation
+    custom: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_number(self.cpu, "CPU")
         _check_number(self.gpu, "GPU")
         _check_int(self.memory, "memory", minimum=0)
+        if not isinstance(self.custom, Mapping):
+            raise SpecError("custom", f"must be a mapping of Ray resource names to amounts, got {self.custom!r}")
+        for name, amount in self.custom.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory") or not isinstance(name, str) or not name:
+                raise SpecError("custom", f"{name!r} is not a custom resource name (CPU, GPU and memory "
+                                          "have their own keys)")
+            _check_number(amount, f"custom.{name}")
+        object.__setattr__(self, "custom", _frozen(dict(self.custom)))
 
     def to_dict(self) -> dict:
-        return {"CPU": self.cpu, "GPU": self.gpu, "memory": self.memory}
+        out = {"CPU": self.cpu, "GPU": self.gpu, "memory": self.memory}
+        return out | {"custom": dict(self.custom)} if self.custom else out
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "resources_per_rank") -> "Resources":
-        d = _mapping(data, path, ("CPU", "GPU", "memory"), "a resources field (Ray resource names)")
+        d = _mapping(data, path, ("CPU", "GPU", "memory", "custom"), "a resources field (Ray resource names)")
         with _under(path):
             return cls(cpu=d.get("CPU", 1.0), gpu=d.get("GPU", 0.0),
-                       memory=parse_memory(d.get("memory", 0)))
+                       memory=parse_memory(d.get("memory", 0)), custom=d.get("custom") or {})
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,11 @@ def test_bundle_refuses_an_empty_reservation(tiny_dir):
     tp = DeploymentSpec.from_dict({"name": "x", "model": str(tiny_dir), "pools": {"unified": {
         "tensor_parallel_size": 4, "resources_per_rank": {"CPU": 2, "GPU": 1, "memory": "1Gi"}}}})
     assert bundle_of(tp.pools["unified"], {"slot": 1}) == {"CPU": 8, "GPU": 4, "memory": 4 * 2**30, "slot": 4}
+    # A pool's own custom resources (the chart's shoal_pool_<role>) count per rank too.
+    pinned = DeploymentSpec.from_dict({"name": "x", "model": str(tiny_dir), "pools": {"unified": {
+        "tensor_parallel_size": 2, "resources_per_rank": {"CPU": 1, "custom": {"shoal_pool_unified": 1}}}}})
+    assert bundle_of(pinned.pools["unified"]) == {"CPU": 2, "shoal_pool_unified": 2}
+    assert DeploymentSpec.from_dict(pinned.to_dict()) == pinned
 
 
 def test_replicas_spread_register_and_serve(deployment):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import gzip
+import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +100,10 @@ def test_the_spec_configmap_loads_with_the_spec_module(rendered):
         assert gpus == (pool.tensor_parallel_size if pool.resources_per_rank.gpu else 0), name
         assert group["rayStartParams"]["num-gpus"] == str(gpus)
         assert group["replicas"] == pool.replicas
+        # The group's nodes offer what one replica's ranks reserve, its pool's pin among it.
+        [offered] = shlex.split(group["rayStartParams"]["resources"])
+        assert json.loads(offered) == {k: v * pool.tensor_parallel_size for k, v in pool.resources_per_rank.custom.items()}
+        assert pool.resources_per_rank.custom[f"shoal_pool_{group['groupName']}"] == 1
         shm = [v for v in group["template"]["spec"]["volumes"] if v["name"] == "shm"]
         assert shm[0]["emptyDir"]["medium"] == "Memory"
     if name == "gpu-disagg":
@@ -200,3 +206,11 @@ def test_an_etcd_tls_secret_with_a_plain_endpoint_is_refused(helm, tmp_path):
     out = helm.run("template", "demo", str(Path(__file__).resolve().parents[2] / "helm" / "shoal"), "-f", str(values))
     assert out.returncode != 0
     assert "every etcd.external.endpoints entry must be https://host:port" in out.stderr, out.stderr
+
+
+def test_ray_start_resources_are_given_through_the_pools_not_the_raw_params(helm, tmp_path):
+    values = tmp_path / "raw-resources.yaml"
+    values.write_text("ray:\n  workerRayStartParams:\n    resources: '\"{\\\"x\\\": 1}\"'\n")
+    out = helm.run("template", "demo", str(Path(__file__).resolve().parents[2] / "helm" / "shoal"), "-f", str(values))
+    assert out.returncode != 0
+    assert "resources_per_rank.custom" in out.stderr, out.stderr

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -104,9 +105,9 @@ def ray_start(params: dict, head: bool, local: Local, temp: Path, gcs: int) -> l
     argv = [sys.executable, str(RAY_CLI), "start", "--head" if head else f"--address=127.0.0.1:{gcs}"]
     if head:
         argv.append(f"--port={gcs}")
-    for key, value in params.items():
-        argv.append(f"--{key}={local.text(str(value)) if key != 'ray-client-server-port' else local.port('head', value)}"
-                    if key not in ("metrics-export-port",) else f"--{key}={free_port()}")
+    for key, value in params.items():  # KubeRay writes each as --key=value into a shell line: shlex it
+        argv += shlex.split(f"--{key}={local.text(str(value)) if key != 'ray-client-server-port' else local.port('head', value)}"
+                            if key not in ("metrics-export-port",) else f"--{key}={free_port()}")
     argv += ["--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats",
              "--object-store-memory=200000000", f"--dashboard-agent-listen-port={free_port()}",
              f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",

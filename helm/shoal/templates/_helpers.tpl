@@ -77,7 +77,7 @@ app.kubernetes.io/part-of: shoal
 {{- if not (kindIs "invalid" $v) -}}{{- $_ := set $engine $k $v -}}{{- end -}}
 {{- end -}}
 {{- $pool := dict "replicas" $p.replicas "tensor_parallel_size" $p.tensor_parallel_size "engine" $engine -}}
-{{- if $p.resources_per_rank -}}{{- $_ := set $pool "resources_per_rank" $p.resources_per_rank -}}{{- end -}}
+{{- $_ := set $pool "resources_per_rank" (include "shoal.rankResources" (dict "role" $role "pool" $p) | fromYaml) -}}
 {{- if $p.kv_transfer -}}{{- $_ := set $pool "kv_transfer" $p.kv_transfer -}}{{- end -}}
 {{- $_ := set $pools $role $pool -}}
 {{- end -}}
@@ -86,6 +86,17 @@ app.kubernetes.io/part-of: shoal
 {{- $spec := dict "name" (include "shoal.deploymentName" .) "model" .Values.model.name "pools" $pools "router" $router "etcd" $etcd -}}
 {{- if $d.autoscaling -}}{{- $_ := set $spec "autoscaling" $d.autoscaling -}}{{- end -}}
 {{- toYaml $spec -}}
+{{- end -}}
+
+{{/* A pool's resources_per_rank as the spec holds it: the values', plus the custom resource
+     shoal_pool_<role> that only the pool's own worker group offers, so Ray places the pool's replicas
+     on its own pods (and KubeRay's autoscaler grows the right group). Argument: dict role, pool. */}}
+{{- define "shoal.rankResources" -}}
+{{- $rank := deepCopy (default dict .pool.resources_per_rank) -}}
+{{- $custom := deepCopy (default dict $rank.custom) -}}
+{{- $_ := set $custom (printf "shoal_pool_%s" .role) 1 -}}
+{{- $_ := set $rank "custom" $custom -}}
+{{- toYaml $rank -}}
 {{- end -}}
 
 {{/* The model volume (pvc / hostPath), or nothing (builtin, image). */}}
