@@ -54,14 +54,9 @@ def _rotary_kernel(
                   HALF, K_HEADS_PAD, HALF_PAD)
 
 
-def rotary_embedding(
-    positions: torch.Tensor,  # [num_tokens] int
-    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-    cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos in the first half, sin in the second
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style rotary embedding (the halves of each head rotate together), as HF Llama does."""
-    num_tokens, num_heads, head_dim = q.shape
+def _check_rotary_args(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """The shapes both entry points share: q [T, H, D], k [T, Hkv, D], positions [T], cache [P, D], D even."""
+    num_tokens, _, head_dim = q.shape
     if k.dim() != 3 or k.shape[0] != num_tokens or k.shape[2] != head_dim:
         raise ValueError(
             f"k must be [num_tokens={num_tokens}, num_kv_heads, head_dim={head_dim}], got {tuple(k.shape)}"
@@ -73,6 +68,17 @@ def rotary_embedding(
             f"cos_sin_cache must be [max_position, head_dim={head_dim}] with an even head_dim, "
             f"got {tuple(cos_sin_cache.shape)}"
         )
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens] int
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos in the first half, sin in the second
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding (the halves of each head rotate together), as HF Llama does."""
+    num_tokens, num_heads, head_dim = q.shape
+    _check_rotary_args(positions, q, k, cos_sin_cache)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if num_tokens == 0:
@@ -148,20 +154,12 @@ def rotary_and_cache(
     """:func:`rotary_embedding` then ``reshape_and_cache`` in one launch (the rotated k goes straight to
     its cache slot and is never materialised); returns the rotated q. Same results as the two kernels."""
     num_tokens, num_heads, head_dim = q.shape
+    _check_rotary_args(positions, q, k, cos_sin_cache)
     num_kv_heads = k.shape[1]
-    if k.dim() != 3 or k.shape[0] != num_tokens or k.shape[2] != head_dim or v.shape != k.shape:
-        raise ValueError(
-            f"k and v must be [num_tokens={num_tokens}, num_kv_heads, head_dim={head_dim}], "
-            f"got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if positions.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,):
-        raise ValueError(f"positions and slot_mapping must be [num_tokens={num_tokens}], "
-                         f"got {tuple(positions.shape)} and {tuple(slot_mapping.shape)}")
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim or head_dim % 2:
-        raise ValueError(
-            f"cos_sin_cache must be [max_position, head_dim={head_dim}] with an even head_dim, "
-            f"got {tuple(cos_sin_cache.shape)}"
-        )
+    if v.shape != k.shape:
+        raise ValueError(f"v must be shaped as k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"slot_mapping must be [num_tokens={num_tokens}], got {tuple(slot_mapping.shape)}")
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or tuple(k_cache.shape[2:]) != (num_kv_heads, head_dim):
         raise ValueError(
             f"k_cache and v_cache must both be [num_blocks, block_size, {num_kv_heads}, {head_dim}], "

@@ -97,7 +97,7 @@ def test_rotary_and_cache_refuses_mismatched_shapes():
     q, k = torch.zeros(2, 4, 16), torch.zeros(2, 2, 16)
     kc = torch.zeros(4, 4, 2, 16)
     pos = slots = torch.zeros(2, dtype=torch.long)
-    with pytest.raises(ValueError, match="k and v"):
+    with pytest.raises(ValueError, match="v must be shaped as k"):
         rotary_and_cache(pos, q, k, torch.zeros(2, 1, 16), cos_sin_cache(8, 16), kc, kc, slots)
     with pytest.raises(ValueError, match="k_cache"):
         rotary_and_cache(pos, q, k, k, cos_sin_cache(8, 16), torch.zeros(4, 4, 1, 16), kc, slots)
