@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from shoal.cluster.autoscale import (Bounds, PoolObservation, available_policies, check_policy_options,
-                                     make_policy)
+                                     make_policy, policy_options)
 from shoal.cluster.autoscale.behavior import BehaviorConfig, Stabilizer
 from shoal.workers.options import OptionError
 
@@ -95,3 +97,15 @@ def test_every_decision_stays_within_the_bounds_and_says_why():
             d = p.decide(obs(float(t * 400), ready, num_waiting=waiting, num_running=running,
                              kv_usage=min(1.0, running / 10)))
             assert 2 <= d.replicas <= 5 and d.reason, (name, t, d)
+
+
+def test_every_policy_option_is_documented_with_its_default():
+    """docs/autoscaling.md has a row `| `name` | default |` for every option of every policy."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "autoscaling.md").read_text()
+    for name in available_policies():
+        for o in policy_options(name):
+            rows = [line for line in doc.splitlines() if line.startswith(f"| `{o.name}` |")]
+            assert rows, f"docs/autoscaling.md: no row for {name}.{o.name}"
+            shown = "true" if o.default is True else "false" if o.default is False else f"{o.default:g}" \
+                if isinstance(o.default, float) else str(o.default)
+            assert any(shown in row or o.default is None for row in rows), (name, o.name, shown, rows)
