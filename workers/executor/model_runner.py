@@ -44,10 +44,26 @@ class CachedRequestState:
     num_pending: int = 0  # tokens sampled by submitted steps, not collected yet
     pending_row: int = -1  # its row in the last submitted step's sampled ids
     pending_step: int = -1  # which submission sampled it last
+    _row: SamplingRow | None = None  # the sampler's row, when it reads no history (then it never changes)
 
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    def sampling_row(self) -> SamplingRow:
+        """This step's row for the sampler. Slicing a long prompt every step costs real time and only
+        penalties read it; a row that reads no history is built once (256 rows a step add up)."""
+        if self._row is not None:
+            return self._row
+        p = self.params
+        penalties = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        prompt = self.token_ids[: self.num_prompt_tokens] if penalties else ()
+        output = self.output_token_ids if penalties or p.min_tokens else ()
+        row = SamplingRow(params=p, prompt_token_ids=prompt, output_token_ids=output,
+                          generator=self.generator, eos_token_ids=self.eos_token_ids)
+        if not self.needs_history:
+            self._row = row
+        return row
 
 
 @dataclass
@@ -149,7 +165,7 @@ class ModelRunner:
         t2 = time.perf_counter()
         mid = self._gpu_event(events)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab]
-        rows = [self._sampling_row(state) for state in states]
+        rows = [state.sampling_row() for state in states]
         ids_dev = self.sampler.sample_ids(logits, rows)  # [num_sampling]
         ids_host = self._ids_host[self._submitted % 2][:len(rows)]
         ids_host.copy_(ids_dev, non_blocking=self.device.type == "cuda")
@@ -307,13 +323,3 @@ class ModelRunner:
         self.sampler(logits, [SamplingRow(SamplingParams(top_p=0.9), [0], [])] * cfg.max_num_seqs)
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device)
-
-    @staticmethod
-    def _sampling_row(state: CachedRequestState) -> SamplingRow:
-        # Slicing a long prompt for every row of every step costs real time; only penalties read it.
-        p = state.params
-        penalties = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-        prompt = state.token_ids[: state.num_prompt_tokens] if penalties else ()
-        output = state.output_token_ids if penalties or p.min_tokens else ()
-        return SamplingRow(params=p, prompt_token_ids=prompt, output_token_ids=output,
-                           generator=state.generator, eos_token_ids=state.eos_token_ids)
