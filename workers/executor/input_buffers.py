@@ -1,5 +1,6 @@
 """Persistent input buffers: a step's flattened batch is built in numpy on the host, copied once into
 fixed device tensors, and the model reads views of them (the same memory CUDA graphs captured).
+Block tables stay on the device between steps (:mod:`.block_tables`): only new block ids are uploaded.
 
 The host staging is one set of pinned tensors whose copies are queued, not waited for. Under async
 scheduling the host stages step N+1 while step N may not have started on the device yet, so
@@ -15,6 +16,12 @@ import numpy as np
 import torch
 
 from shoal.workers.models.ops import AttentionMetadata
+
+from .block_tables import BlockTableStore
+
+# One batch row: (token ids, first position, query length, block ids, its BlockTableStore row; None:
+# all block 0, for rows that write nothing).
+Row = tuple[list[int], int, int, list[int], "int | None"]
 
 
 @dataclass
@@ -48,21 +55,22 @@ class InputBuffers:
         self.h_slots = host(max_num_tokens, dtype=torch.int64)
         self.h_qsl = host(max_num_seqs + 1, dtype=torch.int32)
         self.h_seq_lens = host(max_num_seqs, dtype=torch.int32)
-        self.h_tables = host(max_num_seqs, max_blocks_per_seq, dtype=torch.int32)
         self.h_logits_idx = host(max_num_seqs, dtype=torch.int64)
         self.h_gather = host(2, max_num_seqs, dtype=torch.int64)  # (token position, source row) pairs
         # device buffers the model (and captured graphs) read; on CPU they are the host buffers
         self._copy = device.type != "cpu"
         dev = (lambda h: torch.zeros_like(h, device=device)) if self._copy else (lambda h: h)
         self.input_ids, self.positions, self.slots = dev(self.h_input_ids), dev(self.h_positions), dev(self.h_slots)
-        self.qsl, self.seq_lens, self.tables = dev(self.h_qsl), dev(self.h_seq_lens), dev(self.h_tables)
+        self.qsl, self.seq_lens = dev(self.h_qsl), dev(self.h_seq_lens)
+        self.tables = torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
+        # Rows for twice the batch: under async scheduling a finished request's row is closed a step late.
+        self.block_tables = BlockTableStore(2 * max_num_seqs, max_blocks_per_seq, max_num_seqs, device)
         self.logits_idx = dev(self.h_logits_idx)
         self.gather = dev(self.h_gather)
         self._staged = None  # CUDA event after the last queued copies out of the host staging
 
-    def fill(self, rows: list[tuple[list[int], int, int, list[int]]], block_size: int,
-             pad_to: int | None = None) -> tuple[int, int, int, int]:
-        """Stage ``rows`` = (token ids, first position, query length, block ids) into the host buffers.
+    def fill(self, rows: list[Row], block_size: int, pad_to: int | None = None) -> tuple[int, int, int, int]:
+        """Stage ``rows`` (see :data:`Row`) into the host buffers and the block tables' staging.
 
         With ``pad_to``, dummy decode rows (query length 1, slot -1 so nothing is written, context 1)
         fill the batch up to a captured graph size. Returns (num_tokens, num_seqs, max query len,
@@ -72,7 +80,7 @@ class InputBuffers:
             self._staged.synchronize()  # the last step's copies have read the staging we overwrite
             self._staged = None
         ids, pos, slots = self.h_input_ids.numpy(), self.h_positions.numpy(), self.h_slots.numpy()
-        qsl, lens, tables = self.h_qsl.numpy(), self.h_seq_lens.numpy(), self.h_tables.numpy()
+        qsl, lens = self.h_qsl.numpy(), self.h_seq_lens.numpy()
         # Per-row numpy calls cost microseconds each: build plain lists (decode rows are one token)
         # and hand numpy a few whole arrays.
         tok: list[int] = []
@@ -80,9 +88,8 @@ class InputBuffers:
         s_list: list[int] = []
         q_list = [0]
         l_list: list[int] = []
-        flat_blocks: list[int] = []
-        counts: list[int] = []
-        for tokens, start, n, blocks in rows:
+        table_rows: list[tuple[int | None, list[int]]] = []
+        for tokens, start, n, blocks, table_row in rows:
             if n == 1:
                 tok.append(tokens[0])
                 p_list.append(start)
@@ -94,30 +101,24 @@ class InputBuffers:
                     s_list.append(blocks[q // block_size] * block_size + q % block_size)
             q_list.append(q_list[-1] + n)
             l_list.append(start + n)
-            flat_blocks.extend(blocks)
-            counts.append(len(blocks))
+            table_rows.append((table_row, blocks))
         t = len(tok)
         ids[:t] = tok
         pos[:t] = p_list
         slots[:t] = s_list
         qsl[:len(q_list)] = q_list
         lens[:len(l_list)] = l_list
-        if rows:
-            counts_np = np.asarray(counts)
-            row_of = np.repeat(np.arange(len(rows)), counts_np)
-            col_of = np.arange(len(flat_blocks)) - np.repeat(np.cumsum(counts_np) - counts_np, counts_np)
-            tables[row_of, col_of] = flat_blocks
         max_q = max((r[2] for r in rows), default=0)
         max_s = max(l_list, default=0)
         num_seqs = len(rows)
-        if pad_to is not None and pad_to > num_seqs:
-            extra = pad_to - num_seqs
+        extra = pad_to - num_seqs if pad_to is not None and pad_to > num_seqs else 0
+        self.block_tables.stage(table_rows, extra)
+        if extra:
             ids[t:t + extra] = 0
             pos[t:t + extra] = 0
             slots[t:t + extra] = -1
             qsl[num_seqs + 1:pad_to + 1] = np.arange(t + 1, t + extra + 1)
             lens[num_seqs:pad_to] = 1
-            tables[num_seqs:pad_to, 0] = 0
             t += extra
             num_seqs = pad_to
         return t, num_seqs, max_q, max_s
@@ -134,8 +135,9 @@ class InputBuffers:
                 dst[:num_tokens].copy_(src[:num_tokens], non_blocking=nb)
             self.qsl[:num_seqs + 1].copy_(self.h_qsl[:num_seqs + 1], non_blocking=nb)
             self.seq_lens[:num_seqs].copy_(self.h_seq_lens[:num_seqs], non_blocking=nb)
-            self.tables[:num_seqs, :width].copy_(self.h_tables[:num_seqs, :width], non_blocking=nb)
             self.logits_idx[:n_logits].copy_(self.h_logits_idx[:n_logits], non_blocking=nb)
+        self.block_tables.apply(self.tables, num_seqs)
+        if self._copy:
             self._mark_staged()
         meta = AttentionMetadata(
             slot_mapping=self.slots[:num_tokens], query_start_loc=self.qsl[:num_seqs + 1],

@@ -44,6 +44,7 @@ class CachedRequestState:
     num_pending: int = 0  # tokens sampled by submitted steps, not collected yet
     pending_row: int = -1  # its row in the last submitted step's sampled ids
     pending_step: int = -1  # which submission sampled it last
+    table_row: int = -1  # its row of the device block tables (InputBuffers.block_tables)
     _row: SamplingRow | None = None  # the sampler's row, when it reads no history (then it never changes)
 
     @property
@@ -241,11 +242,14 @@ class ModelRunner:
         return ev
 
     def _update_states(self, sched: SchedulerOutput) -> None:
+        tables = self.buffers.block_tables
         for rid in sched.finished_request_ids:
             self.requests.pop(rid, None)
             self._generators.pop(rid, None)
+            tables.close(rid)
         for rid in sched.preempted_request_ids:
             self.requests.pop(rid, None)
+            tables.close(rid)
         for new in sched.new_requests:
             p = new.sampling_params
             if p.seed is not None and new.request_id not in self._generators:
@@ -256,7 +260,7 @@ class ModelRunner:
                 num_prompt_tokens=new.num_prompt_tokens, params=p, block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens, eos_token_ids=new.eos_token_ids,
                 generator=self._generators.get(new.request_id),
-                needs_history=penalties or p.min_tokens > 0)
+                needs_history=penalties or p.min_tokens > 0, table_row=tables.open(new.request_id))
         for cached in sched.cached_requests:
             state = self.requests[cached.request_id]
             state.block_ids.extend(cached.new_block_ids)
@@ -284,7 +288,7 @@ class ModelRunner:
                 gather_src.append(state.pending_row)
             else:
                 tokens = state.token_ids[start:end]
-            rows.append((tokens, start, n, state.block_ids))
+            rows.append((tokens, start, n, state.block_ids, state.table_row))
             t += n
             state.num_computed_tokens = end
             if end == known + state.num_pending:  # caught up: this step yields its next token
@@ -311,7 +315,7 @@ class ModelRunner:
         rows = []
         while left > 0 and len(rows) < self.buffers.max_num_seqs:
             n = min(left, cfg.max_model_len - 1)
-            rows.append(([0] * n, 0, n, [0] * -(-n // cfg.block_size)))
+            rows.append(([0] * n, 0, n, [0] * -(-n // cfg.block_size), None))
             left -= n
         torch.cuda.reset_peak_memory_stats(self.device)
         num_tokens, num_seqs, max_q, max_s = self.buffers.fill(rows, cfg.block_size)
