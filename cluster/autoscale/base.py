@@ -133,8 +133,9 @@ def policy_options(name: str) -> tuple:
     return describe(policy_config_class(name))
 
 
-def make_policy(name: str, bounds: Bounds, profile: Any = None, **options: Any) -> Policy:
-    """A new policy instance. ``profile`` is a :class:`~.profile.Profile` (only ``slo`` needs one)."""
+def make_policy(name: str, bounds: Bounds, profile: Any = None, /, **options: Any) -> Policy:
+    """A new policy instance. ``profile`` is a :class:`~.profile.Profile` (only ``slo`` needs one; without
+    it, ``slo`` loads the one its ``profile`` option names: positional-only, so that option passes)."""
     entry = _entry(name)
     config = entry.config(**check_policy_options(name, options))
     return entry.cls(config, bounds, profile)
