@@ -105,6 +105,16 @@ class WorkerActor:
                 "registered": registered, "engine_alive": engine_alive, "endpoint": self._endpoint,
                 "worker_id": self.worker_id}
 
+    async def load(self) -> tuple | None:
+        """``(WorkerLoad, WorkerTotals)`` now: the queue and KV figures routers also read, and the
+        counters the autoscaler derives arrival rate and request mix from. ``None`` before ``start()``.
+        The controller asks this of its own actors (no gRPC channel of its own to keep)."""
+        engine = self._engine
+        if engine is None:
+            return None
+        totals = await asyncio.to_thread(engine.metrics.totals)  # waits (bounded) for the engine thread
+        return engine.load(), totals
+
     async def disagg_config(self) -> dict | None:
         """The engine's DisaggConfig as a dict (None before ``start()``): what its KV transfers use."""
         return dataclasses.asdict(self._engine.disagg_config) if self._engine is not None else None

@@ -36,6 +36,8 @@ from typing import Callable, Iterable, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .protocol import WorkerTotals
+
 # vLLM v1's buckets (vllm/v1/metrics/loggers.py).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -307,6 +309,18 @@ class EngineMetrics:
         self.request_tpot.observe((last - first) / (t.num_generated - 1) if t.num_generated > 1 else 0.0)
 
     # -- any thread -----------------------------------------------------------------------------
+    def totals(self) -> WorkerTotals:
+        """The counters since start as one :class:`WorkerTotals`, read in one refresh."""
+        values: dict[str, float] = {}
+        for metric in self.registry.collect():
+            for sample in metric.samples:
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value  # summed over labels
+        return WorkerTotals(
+            num_finished=int(values.get("vllm:request_success_total", 0)),
+            prompt_tokens=int(values.get("vllm:request_prompt_tokens_sum", 0)),
+            output_tokens=int(values.get("vllm:request_generation_tokens_sum", 0)),
+            computed_tokens=int(values.get("vllm:prompt_tokens_total", 0) + values.get("vllm:generation_tokens_total", 0)))
+
     def render(self) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of this engine's series."""
         return generate_latest(self.registry)

@@ -108,6 +108,17 @@ class WorkerLoad:
 
 
 @dataclass(frozen=True)
+class WorkerTotals:
+    """Counts since the worker started: a rate is a difference of two over the time between them (the
+    autoscaler's arrival rate and request mix). The same figures as the worker's Prometheus counters."""
+
+    num_finished: int = 0  # requests ended, any reason
+    prompt_tokens: int = 0  # summed over the finished requests
+    output_tokens: int = 0  # summed over the finished requests
+    computed_tokens: int = 0  # prompt + generated tokens computed, finished requests or not
+
+
+@dataclass(frozen=True)
 class KVEventBatch:
     """A worker's cached-block changes. ``kind == "snapshot"`` replaces the subscriber's whole view;
     ``seq`` grows by one per batch, so a gap tells the subscriber to resubscribe."""
