@@ -113,8 +113,8 @@ class EtcdRouter:
         def on_add(record):  # the pool learns each worker's role (unified / prefill / decode) from it
             self.pool.add(GrpcWorkerClient(record.worker_id, record.endpoint))
 
-        async def on_remove(worker_id):
-            await self.pool.remove_worker(worker_id)
+        async def on_remove(worker_id):  # a drained worker finishes what it has: its calls keep their channel
+            await self.pool.remove_worker(worker_id, grace_s=self.drain_timeout_s)
 
         self.watcher = await MembershipWatcher(self.client, self.spec.name, prefix=self.spec.etcd.prefix,
                                                on_add=on_add, on_remove=on_remove).start()

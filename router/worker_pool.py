@@ -148,6 +148,8 @@ class WorkerPool:
         self.clock = clock
         self._sleep = sleep
         self._workers: dict[str, WorkerState] = {}
+        # Removed with a grace: out of placement, their handles open until this router's calls on them end.
+        self._leaving: dict[str, WorkerState] = {}
         self._running = False
         self._poll_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # one-off refreshes of workers added while running
@@ -172,18 +174,38 @@ class WorkerPool:
         await self._refresh(state)
         return state.healthy
 
-    async def remove_worker(self, worker_id: str, close: bool = True) -> None:
-        """Forget a worker (deregistered or dead): out of placement, its KV view dropped."""
+    async def remove_worker(self, worker_id: str, close: bool = True, grace_s: float = 0.0) -> None:
+        """Forget a worker (deregistered or dead): out of placement, its KV view dropped.
+
+        ``grace_s`` > 0: this router's calls still open on it keep its handle (a worker drained by a
+        scale-down finishes them); it closes when the last one ends, or after ``grace_s`` whatever
+        remains. A dead worker's calls fail on their own when its connection breaks."""
         state = self._workers.pop(worker_id, None)
         if state is None:
             return
         await self._stop_kv(state)
         self.policy.on_worker_removed(worker_id)
-        if close:
-            try:
-                await state.handle.close()
-            except Exception:  # closing a dead worker's channel may fail; it is gone either way
-                log.debug("closing worker %s failed", worker_id, exc_info=True)
+        if not close:
+            return
+        if grace_s > 0 and state.in_flight > 0:
+            self._leaving[worker_id] = state
+            asyncio.get_running_loop().call_later(grace_s, self._close_leaving, worker_id)
+            return
+        await self._close_handle(state)
+
+    def _close_leaving(self, worker_id: str) -> None:
+        state = self._leaving.pop(worker_id, None)
+        if state is not None:
+            task = asyncio.get_running_loop().create_task(self._close_handle(state))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _close_handle(state: WorkerState) -> None:
+        try:
+            await state.handle.close()
+        except Exception:  # closing a dead worker's channel may fail; it is gone either way
+            log.debug("closing worker %s failed", state.worker_id, exc_info=True)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -211,6 +233,8 @@ class WorkerPool:
         await self.stop()
         for wid in list(self._workers):
             await self.remove_worker(wid, close=True)
+        for state in [self._leaving.pop(wid) for wid in list(self._leaving)]:
+            await self._close_handle(state)
 
     async def _poll_loop(self) -> None:
         while True:
@@ -374,9 +398,10 @@ class WorkerPool:
             state.in_flight += 1
 
     def release(self, worker_id: str) -> None:
-        state = self._workers.get(worker_id)
+        state = self._workers.get(worker_id) or self._leaving.get(worker_id)
         if state is not None and state.in_flight > 0:
             state.in_flight -= 1
+            self._left_idle(state)
 
     def acquire_prefill(self, worker_id: str, prompt_tokens: int) -> None:
         """A Prefill call of ``prompt_tokens`` starts on ``worker_id``: it queues there until released."""
@@ -387,10 +412,16 @@ class WorkerPool:
             state.num_placed += 1
 
     def release_prefill(self, worker_id: str, prompt_tokens: int) -> None:
-        state = self._workers.get(worker_id)
+        state = self._workers.get(worker_id) or self._leaving.get(worker_id)
         if state is not None:
             state.in_flight = max(state.in_flight - 1, 0)
             state.prefill_tokens = max(state.prefill_tokens - prompt_tokens, 0)
+            self._left_idle(state)
+
+    def _left_idle(self, state: WorkerState) -> None:
+        """A leaving worker's last call ended: close its handle now."""
+        if state.in_flight == 0 and state.worker_id in self._leaving:
+            self._close_leaving(state.worker_id)
 
     # -- queries --------------------------------------------------------------------------------
 
