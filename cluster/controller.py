@@ -17,6 +17,14 @@ a call stuck in C code holding the GIL. Its lease is revoked, it is killed, and 
 dead one. Only a replica that has started (its ``start()`` returned an endpoint) is judged this way:
 loading a model has its own limit, ``start_timeout_s``.
 
+Scaling (:meth:`Controller.scale`): a pool grows by new replicas with new indices (never reused, so
+no worker id ever names two actors); a group the cluster cannot place within ``place_wait_s`` stays
+"starting" while ``ray.autoscaler.sdk.request_resources`` asks the autoscaler (KubeRay's) for nodes
+that fit every replica of the deployment. A pool shrinks by graceful drain of its highest-index
+replicas: the actor deregisters (routers stop placing on it), lets in-flight requests finish within
+``drain_grace_s``, then it is killed and its group removed. A replica being restarted, or whose actor
+is still loading, is never picked: it is left for a later decision.
+
 Stopping from another process: ``shoal stop NAME`` puts ``<prefix>/<name>/control`` = ``stop``;
 :meth:`Controller.run` polls that key (and its own stop event) and returns when either says so.
 """
@@ -63,6 +71,10 @@ def bundle_of(pool: PoolSpec, extra: Mapping[str, float] | None = None) -> dict[
     return bundle
 
 
+def _running(task: asyncio.Task | None) -> bool:
+    return task is not None and not task.done()
+
+
 @dataclass
 class Replica:
     """One replica of a pool: its placement group lives as long as the deployment, its actor may not."""
@@ -79,10 +91,28 @@ class Replica:
     # When the first of the current run of unanswered health pings was sent; None: the last one answered.
     unanswered_since: float | None = None
     restarting: asyncio.Task | None = field(default=None, repr=False)
+    starting: asyncio.Task | None = field(default=None, repr=False)  # a scale-up's placement + start
+    draining: bool = False  # picked by a scale-down: it no longer counts, and is not restarted
+
+    @property
+    def state(self) -> str:
+        """``draining``, ``placing`` (its group waits for room), ``starting`` (actor loading or being
+        restarted) or ``serving``."""
+        if self.draining:
+            return "draining"
+        if self.actor is None and _running(self.starting):
+            return "placing"
+        return "serving" if self.endpoint is not None else "starting"
 
     @property
     def worker_id(self) -> str:
         return f"{self.role}-{self.index}-{self.generation}"
+
+
+def _request_resources(bundles: list[dict[str, float]]) -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
 
 
 class Controller:
@@ -92,18 +122,24 @@ class Controller:
     be reachable from every node: not 127.0.0.1 unless the cluster is one machine).
     ``extra_resources_per_rank`` adds custom Ray resources to every bundle (e.g. a node-type resource).
     ``hang_timeout_s``: how long a started replica may leave every health ping unanswered before it
-    is killed and restarted (see the module docstring).
+    is killed and restarted (see the module docstring). ``place_wait_s``: how long a scale-up waits for
+    its placement group before asking the autoscaler for nodes through ``request_resources`` (a
+    callable taking the bundle list; Ray's ``ray.autoscaler.sdk.request_resources`` by default).
     """
 
     def __init__(self, spec: DeploymentSpec, client: aetcd.Client, *, etcd_endpoints: str,
                  lease_ttl_s: int = 10, extra_resources_per_rank: Mapping[str, float] | None = None,
                  start_timeout_s: float = 600.0, drain_grace_s: float = 5.0, hang_timeout_s: float = 60.0,
+                 place_wait_s: float = 5.0,
+                 request_resources: Callable[[list[dict[str, float]]], None] = _request_resources,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not start_timeout_s > 0:
             raise ValueError(f"start_timeout_s must be > 0, got {start_timeout_s}")
         if not hang_timeout_s > 0:
             raise ValueError(f"hang_timeout_s must be > 0 (seconds a started replica may leave every "
                              f"health ping unanswered), got {hang_timeout_s}")
+        if not place_wait_s >= 0:
+            raise ValueError(f"place_wait_s must be >= 0, got {place_wait_s}")
         self.spec = spec
         self.client = client
         self.etcd_endpoints = etcd_endpoints
@@ -112,8 +148,13 @@ class Controller:
         self.start_timeout_s = start_timeout_s
         self.drain_grace_s = drain_grace_s
         self.hang_timeout_s = hang_timeout_s
+        self.place_wait_s = place_wait_s
+        self._request_resources = request_resources
+        self._asked_for_nodes = False  # a request_resources is standing: lower it when the pool shrinks
         self._clock = clock
         self.replicas: list[Replica] = []
+        self._next_index = {role: pool.replicas for role, pool in spec.pools.items()}
+        self._retiring: set[asyncio.Task] = set()
         self.control_key = control_key(spec.name, spec.etcd.prefix)
         for role, pool in spec.pools.items():  # refuse a bad bundle before reserving anything
             bundle_of(pool, self.extra)
@@ -164,6 +205,126 @@ class Controller:
         replica.lease_id = await replica.actor.lease_id.remote()
         log.info("%s: %s serving on %s", self.spec.name, replica.worker_id, replica.endpoint)
 
+    # -- scale ----------------------------------------------------------------------------------
+
+    def pool(self, role: str) -> list[Replica]:
+        """The pool's replicas that count (not draining), lowest index first."""
+        return sorted((r for r in self.replicas if r.role == role and not r.draining), key=lambda r: r.index)
+
+    def counts(self, role: str) -> tuple[int, int]:
+        """``(serving, starting)`` replicas of the pool; a restarting one is starting again."""
+        members = self.pool(role)
+        serving = sum(r.state == "serving" for r in members)
+        return serving, len(members) - serving
+
+    async def loads(self, role: str, timeout_s: float = 5.0) -> dict[str, tuple]:
+        """``worker id -> (WorkerLoad, WorkerTotals)`` of the pool's serving replicas; one that does not
+        answer within ``timeout_s`` is left out (the health pass judges it)."""
+        serving = [r for r in self.pool(role) if r.state == "serving"]
+
+        async def one(r: Replica):
+            try:
+                return r.worker_id, await asyncio.wait_for(r.actor.load.remote(), timeout_s)
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
+                log.info("%s: no load from %s: %s", self.spec.name, r.worker_id, type(e).__name__)
+                return r.worker_id, None
+
+        return {wid: load for wid, load in await asyncio.gather(*(one(r) for r in serving)) if load is not None}
+
+    def scale(self, role: str, n: int) -> int:
+        """Begin moving pool ``role`` to ``n`` replicas; -> the count it is moving to (fewer than asked
+        when a replica is busy restarting or loading: a later call picks it). Returns at once: new
+        replicas place and start in the background, old ones drain (see the module docstring)."""
+        if role not in self.spec.pools:
+            raise ValueError(f"{self.spec.name!r} has no pool {role!r}; pools are {sorted(self.spec.pools)}")
+        if n < 0:
+            raise ValueError(f"a pool's replica count must be >= 0, got {n}")
+        members = self.pool(role)
+        if n > len(members):
+            for _ in range(n - len(members)):
+                self._grow(role)
+        elif n < len(members):
+            victims = [r for r in reversed(members) if not self._busy(r)][:len(members) - n]
+            for r in victims:
+                self._retire(r)
+        return len(self.pool(role))
+
+    @staticmethod
+    def _busy(replica: Replica) -> bool:
+        """Half way through something that a drain must not cut: a restart, or an actor still loading."""
+        return _running(replica.restarting) or (replica.actor is not None and _running(replica.starting))
+
+    def _grow(self, role: str) -> None:
+        index, self._next_index[role] = self._next_index[role], self._next_index[role] + 1
+        pg = placement_group([bundle_of(self.spec.pools[role], self.extra)], strategy="STRICT_PACK",
+                             name=f"shoal-{self.spec.name}-{role}-{index}")
+        replica = Replica(role, index, pg)
+        self.replicas.append(replica)
+        replica.starting = asyncio.get_running_loop().create_task(self._bring_up(replica))
+        log.info("%s: scaling %s up: replica %s-%d placing", self.spec.name, role, role, index)
+
+    async def _bring_up(self, replica: Replica) -> None:
+        try:
+            await asyncio.wait_for(replica.pg.ready(), self.place_wait_s)
+        except asyncio.TimeoutError:
+            log.warning("%s: replica %s-%d cannot be placed yet (needs %s on one node; %s available); "
+                        "asking the autoscaler for room", self.spec.name, replica.role, replica.index,
+                        bundle_of(self.spec.pools[replica.role], self.extra), ray.available_resources())
+            self._ask_for_nodes()
+            await replica.pg.ready()
+        try:
+            await self._start_actor(replica)
+        except Exception as e:  # noqa: BLE001 - kill it; the next check finds it dead and restarts it
+            log.error("%s: starting %s failed: %s", self.spec.name, replica.worker_id, e)
+            if replica.actor is not None:
+                ray.kill(replica.actor, no_restart=True)
+
+    def _ask_for_nodes(self) -> None:
+        """Ask for room for every counted replica of the deployment (the request replaces the last one)."""
+        bundles = [bundle_of(self.spec.pools[r.role], self.extra) for r in self.replicas if not r.draining]
+        try:
+            self._request_resources(bundles)
+            self._asked_for_nodes = True
+        except Exception as e:  # noqa: BLE001 - no autoscaler to ask: the group waits for a node anyway
+            log.warning("%s: request_resources failed: %s: %s", self.spec.name, type(e).__name__, e)
+
+    def _retire(self, replica: Replica) -> None:
+        replica.draining = True
+        if replica.starting is not None:  # still placing (a busy one is never retired): stop it here,
+            replica.starting.cancel()  # before its group's ready() can resume it into starting an actor
+        log.info("%s: scaling %s down: draining %s (%s)", self.spec.name, replica.role, replica.worker_id,
+                 replica.endpoint or "not serving yet")
+        task = asyncio.get_running_loop().create_task(self._drain_and_remove(replica))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _drain_and_remove(self, replica: Replica) -> None:
+        if replica.starting is not None:
+            await asyncio.gather(replica.starting, return_exceptions=True)
+        await self._drain(replica)
+        remove_placement_group(replica.pg)
+        self.replicas.remove(replica)
+        log.info("%s: %s removed", self.spec.name, replica.worker_id)
+        if self._asked_for_nodes:  # let the autoscaler give back what the pool no longer needs
+            self._ask_for_nodes()
+
+    async def _drain(self, r: Replica) -> None:
+        """Deregister, finish in-flight requests, kill. A dead or stuck actor: its lease is revoked
+        (its key goes now, not at the TTL) and killing it is the drain."""
+        if r.actor is None:
+            return
+        try:
+            await asyncio.wait_for(r.actor.drain.remote(self.drain_grace_s), self.drain_grace_s + 15)
+        except Exception as e:  # noqa: BLE001 - dead or stuck
+            log.info("draining %s: %s: %s", r.worker_id, type(e).__name__, e)
+            if r.lease_id is not None:
+                try:
+                    await self.client.revoke_lease(r.lease_id)
+                except Exception as e2:  # noqa: BLE001 - expired already, or etcd away: the TTL finishes it
+                    log.info("revoking the lease of %s: %s", r.worker_id, e2)
+        ray.kill(r.actor, no_restart=True)
+        r.actor = None
+
     # -- monitor --------------------------------------------------------------------------------
 
     async def check(self, ping_timeout_s: float | None = None) -> list[str]:
@@ -175,7 +336,8 @@ class Controller:
         judged = []
 
         async def ping(replica: Replica) -> None:
-            if replica.actor is None or (replica.restarting is not None and not replica.restarting.done()):
+            if replica.actor is None or replica.draining or _running(replica.restarting) \
+                    or _running(replica.starting):
                 return
             sent = self._clock()
             try:
@@ -256,9 +418,11 @@ class Controller:
         return "signal"
 
     def describe(self) -> list[dict]:
-        """Per replica: its current worker id and endpoint, restarts (all causes) and how many were hangs."""
+        """Per replica: its current worker id, endpoint and state (:attr:`Replica.state`), restarts (all
+        causes) and how many were hangs."""
         return [{"replica": f"{r.role}-{r.index}", "worker_id": r.worker_id, "endpoint": r.endpoint,
-                 "restarts": r.restarts, "hangs": r.hangs} for r in self.replicas]
+                 "state": r.state, "restarts": r.restarts, "hangs": r.hangs}
+                for r in sorted(self.replicas, key=lambda r: (r.role, r.index))]
 
     # -- stop -----------------------------------------------------------------------------------
 
@@ -266,21 +430,12 @@ class Controller:
         """Drain every actor (deregister, finish in-flight), kill it, remove its placement group and
         the deployment's etcd keys. Safe to call twice and after a partial start."""
         for r in self.replicas:
-            if r.restarting is not None and not r.restarting.done():
-                r.restarting.cancel()
-        await asyncio.gather(*(r.restarting for r in self.replicas if r.restarting), return_exceptions=True)
-
-        async def drain(r: Replica) -> None:
-            if r.actor is None:
-                return
-            try:
-                await asyncio.wait_for(r.actor.drain.remote(self.drain_grace_s), self.drain_grace_s + 15)
-            except Exception as e:  # noqa: BLE001 - dead or stuck: killing it is the drain
-                log.info("draining %s: %s: %s", r.worker_id, type(e).__name__, e)
-            ray.kill(r.actor, no_restart=True)
-            r.actor = None
-
-        await asyncio.gather(*(drain(r) for r in self.replicas))
+            for task in (r.restarting, r.starting):
+                if _running(task):
+                    task.cancel()
+        await asyncio.gather(*(t for r in self.replicas for t in (r.restarting, r.starting) if t),
+                             *self._retiring, return_exceptions=True)
+        await asyncio.gather(*(self._drain(r) for r in self.replicas))
         for r in self.replicas:
             remove_placement_group(r.pg)
         self.replicas = []

@@ -243,7 +243,7 @@ def test_wedged_replica_is_killed_and_restarted(deployment):
           f"{time.monotonic() - wedged:.1f} s; {meanwhile.summary()}")
     meanwhile.assert_none_hung()
     assert {"replica": "unified-1", "worker_id": new_id, "endpoint": replica.endpoint, "restarts": restarts + 1,
-            "hangs": hangs + 1} in controller.describe()
+            "state": "serving", "hangs": hangs + 1} in controller.describe()
     for _ in range(4):  # least_load spreads these over both replicas again
         assert complete(url, spec.model).status_code == 200
 
