@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     lch.add_argument("--hang-timeout", type=float, default=60.0,
                      help="seconds a started replica may leave every health ping unanswered before it is "
                           "killed and restarted (default: %(default)s)")
+    lch.add_argument("--autoscale-interval", type=float, default=5.0, metavar="SECONDS",
+                     help="seconds between autoscaling decisions for the pools the spec's autoscaling block "
+                          "names (the others keep their replicas) (default: %(default)s)")
+    lch.add_argument("--autoscale-window", type=float, default=30.0, metavar="SECONDS",
+                     help="seconds of worker load reports the arrival rate and request mix are taken over "
+                          "(default: %(default)s)")
     lch.add_argument("--no-routers", dest="routers", action="store_false",
                      help="start and watch the workers only; the routers run apart (`shoal router`, e.g. a "
                           "Kubernetes Deployment)")

@@ -130,9 +130,11 @@ class Launch:
     def __init__(self, spec: DeploymentSpec, client, *, etcd_endpoints: str, node_ip: str,
                  host: str = "0.0.0.0", port: int | None = None, lease_ttl_s: int = 10,
                  start_timeout_s: float = 600.0, health_interval_s: float = 1.0, hang_timeout_s: float = 60.0,
-                 extra_resources_per_rank: dict | None = None, routers: bool = True) -> None:
+                 extra_resources_per_rank: dict | None = None, routers: bool = True,
+                 autoscale_interval_s: float = 5.0, autoscale_window_s: float = 30.0) -> None:
         import ray
 
+        from shoal.cluster.autoscale.live import Autoscaler, ControllerSource
         from shoal.cluster.controller import Controller
         from shoal.cluster.ray_router import RouterReplicas
 
@@ -143,6 +145,9 @@ class Launch:
         self.controller = Controller(spec, client, etcd_endpoints=etcd_endpoints, lease_ttl_s=lease_ttl_s,
                                      start_timeout_s=start_timeout_s, hang_timeout_s=hang_timeout_s,
                                      extra_resources_per_rank=extra_resources_per_rank)
+        # Only pools with an autoscaling block are scaled; the rest keep pools.<role>.replicas.
+        self.autoscaler = Autoscaler(spec, self.controller, ControllerSource(self.controller, autoscale_window_s),
+                                     client=client, interval_s=autoscale_interval_s) if spec.autoscaling else None
         self.router: EtcdRouter | None = None
         self.with_routers = routers
         self.routers = RouterReplicas(spec, client, etcd_endpoints=etcd_endpoints, local_node_id=self.node_id,
@@ -182,12 +187,15 @@ class Launch:
         """Watch workers and router actors until ``stop`` is set or ``shoal stop`` asks; -> why
         (``"signal"`` or ``"control"``, from :meth:`Controller.run`)."""
         done = asyncio.Event()
-        watch = asyncio.get_running_loop().create_task(self.routers.run(done, interval_s))
+        loop = asyncio.get_running_loop()
+        watches = [loop.create_task(self.routers.run(done, interval_s))]
+        if self.autoscaler is not None:
+            watches.append(loop.create_task(self.autoscaler.run(done)))
         try:
             return await self.controller.run(stop, interval_s=interval_s)
         finally:
             done.set()
-            await asyncio.gather(watch, return_exceptions=True)
+            await asyncio.gather(*watches, return_exceptions=True)
 
     async def stop(self) -> None:
         try:
@@ -216,7 +224,8 @@ async def _launch(spec: DeploymentSpec, args: argparse.Namespace) -> int:
         await client.delete(control_key(spec.name, spec.etcd.prefix).encode())  # an old stop is not for us
         deployment = Launch(spec, client, etcd_endpoints=endpoints, node_ip=node_ip, host=args.host,
                             port=args.port, lease_ttl_s=args.lease_ttl, start_timeout_s=args.start_timeout,
-                            hang_timeout_s=args.hang_timeout, routers=args.routers)
+                            hang_timeout_s=args.hang_timeout, routers=args.routers,
+                            autoscale_interval_s=args.autoscale_interval, autoscale_window_s=args.autoscale_window)
         n = sum(p.replicas for p in spec.pools.values())
         routers = f"{spec.router.replicas} router(s)" if args.routers else "no routers (--no-routers)"
         _say(f"starting {spec.name!r}: {n} replica(s) of {spec.model}, {routers}, etcd {endpoints}")
@@ -254,6 +263,7 @@ def launch(args: argparse.Namespace) -> int:
 # -- status and stop ------------------------------------------------------------------------------
 
 async def _status(args: argparse.Namespace) -> int:
+    from shoal.cluster.autoscale.record import list_decisions
     from shoal.cluster.controller import STOP, control_key
     from shoal.cluster.registry import connect, get_spec, list_deployments, list_routers, list_workers
 
@@ -267,12 +277,17 @@ async def _status(args: argparse.Namespace) -> int:
             workers = await list_workers(client, name, args.prefix)
             routers = await list_routers(client, name, args.prefix)
             control = await client.get(control_key(name, args.prefix).encode())
-            want = sum(p.replicas for p in spec.pools.values()) if spec else "?"
+            decisions = await list_decisions(client, name, args.prefix)
+            want = sum(decisions[r].desired if r in decisions else p.replicas
+                       for r, p in spec.pools.items()) if spec else "?"
             want_routers = spec.router.replicas if spec else "?"
             state = " (stopping)" if control is not None and control.value == STOP else ""
             model = spec.model if spec else "?"
             print(f"{name}: model {model}, {len(workers)}/{want} workers registered, "
                   f"{len(routers)}/{want_routers} routers{state}")
+            for pool, d in sorted(decisions.items()):
+                print(f"  autoscale {pool}: desired {d.desired}, current {d.current} ({d.ready} serving), "
+                      f"{d.policy}: {d.reason}")
             for w in workers:
                 print(f"  {w.worker_id:<16} {w.role:<8} {w.endpoint:<22} node {str(w.meta.get('node_id', '?'))[:12]}")
             for r in routers:

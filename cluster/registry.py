@@ -88,6 +88,16 @@ def router_key(deployment: str, router_id: str, prefix: str = DEFAULT_PREFIX) ->
     return routers_prefix(deployment, prefix) + router_id
 
 
+def autoscale_prefix(deployment: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """``<prefix>/<deployment>/autoscale/``: each pool's latest decision (``cluster/autoscale/record.py``)."""
+    return _members_prefix(deployment, "autoscale", prefix)
+
+
+def autoscale_key(deployment: str, pool: str, prefix: str = DEFAULT_PREFIX) -> str:
+    _check_segment("pool", pool)
+    return autoscale_prefix(deployment, prefix) + pool
+
+
 def spec_key(deployment: str, prefix: str = DEFAULT_PREFIX) -> str:
     _check_segment("deployment", deployment)
     return f"{_norm_prefix(prefix)}/{deployment}/spec"

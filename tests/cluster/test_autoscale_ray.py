@@ -3,7 +3,8 @@
 ``Controller.scale`` grows a pool by new replicas (new indices, in etcd membership, served by the
 router), keeps a replica whose placement group cannot be placed "placing" while it asks the
 autoscaler for room (``request_resources``, recorded here: no autoscaler runs on a local cluster),
-and shrinks by graceful drain under load with no failed request. Each node has slots for the replicas (a rank asks for one), so
+and shrinks by graceful drain under load with no failed request. Then the reconcile loop does the same
+from the workers' own load reports. Each node has slots for the replicas (a rank asks for one), so
 the cluster holds exactly three: the fourth cannot be placed.
 
 Workers run a tiny random Llama with SmolLM2's vocabulary (the router tokenizes with SmolLM2's real
@@ -23,6 +24,8 @@ from ray_support import LoopThread, two_node_cluster, wait_until  # first: it se
 import httpx  # noqa: E402
 import ray  # noqa: E402
 
+from shoal.cluster.autoscale.live import Autoscaler, ControllerSource  # noqa: E402
+from shoal.cluster.autoscale.record import list_decisions  # noqa: E402
 from shoal.cluster.controller import Controller  # noqa: E402
 from shoal.cluster.etcd import EmbeddedEtcd  # noqa: E402
 from shoal.cluster.etcd_router import EtcdRouter  # noqa: E402
@@ -199,3 +202,22 @@ def test_scale_down_drains_under_load_with_no_failed_request(deployment):
     assert all(ray.util.placement_group_table(pg)["state"] == "REMOVED" for pg in pgs)
     assert healthy(router) == {"unified-0-0"} and controller.counts("unified") == (1, 0)
     print(f"drained 2 replicas in {drained:.1f} s under load; {len(load.statuses)} requests, none failed")
+
+
+def test_the_loop_scales_on_live_load_and_back(deployment):
+    loop, spec, controller, url, router, client, asked = deployment
+    scaler = Autoscaler(spec, controller, ControllerSource(controller, window_s=10), client=client)
+    with Load(url, spec.model, threads=3) as load:
+        # target: 1 running request per replica, so three clients on one replica ask for the maximum, 2.
+        wait_until(lambda: loop.run(scaler.tick())["unified"].desired == 2, 30, "the loop asks for 2")
+        record = loop.run(list_decisions(client, NAME))["unified"]
+        assert (record.current, record.policy) == (1, "target") and record.inputs["num_running"] > 1
+        wait_until(lambda: len(registered(loop, client)) == 2, 90, "the second replica registers")
+        wait_until(lambda: healthy(router) == registered(loop, client), 15, "the router places on both")
+    assert load.failed() == []
+    # Idle now: no scale-down window, so the next ticks bring the pool back to its minimum.
+    wait_until(lambda: loop.run(scaler.tick())["unified"].desired == 1, 30, "the loop asks for 1")
+    wait_until(lambda: registered(loop, client) == {"unified-0-0"} and len(controller.replicas) == 1, 30,
+               "the newest replica drains and goes")
+    record = loop.run(list_decisions(client, NAME))["unified"]
+    assert record.desired == 1 and record.reason.startswith("down")

@@ -1,0 +1,69 @@
+"""A pool's :class:`PoolObservation` from its workers' load reports, sampled over time (pure; no I/O).
+
+Each sample is ``worker id -> (WorkerLoad, WorkerTotals)`` at one moment. Queue and KV figures are the
+newest sample's; rates are differences of the counters over the last ``window_s``:
+
+* arrivals = finished + the change in requests present (running + waiting), per worker: a request
+  that arrived either finished or is still there, so this counts each arrival once, without the
+  router's help;
+* the request mix is the finished requests' mean prompt and output lengths;
+* tokens/s is the prompt and generated tokens computed.
+
+A worker counts from its first sample in the window (one that joined mid-window loses at most what
+arrived before its first report); one that left takes its counts with it (a drained worker gets no
+new arrivals, so the rate dips for at most one window after a scale-down).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Mapping
+
+from shoal.workers.protocol import WorkerLoad, WorkerTotals
+
+from .base import PoolObservation
+
+Loads = Mapping[str, tuple[WorkerLoad, WorkerTotals]]
+
+
+class LoadWindow:
+    """The samples of one pool within ``window_s`` seconds -> an observation."""
+
+    def __init__(self, window_s: float = 30.0) -> None:
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0 (seconds of load history rates are taken over), got {window_s}")
+        self.window_s = window_s
+        self.samples: deque[tuple[float, Loads]] = deque()
+
+    def add(self, now: float, loads: Loads) -> None:
+        self.samples.append((now, dict(loads)))
+        while len(self.samples) > 2 and self.samples[1][0] <= now - self.window_s:
+            self.samples.popleft()  # keep one sample at or before the window's start: the base
+
+    def observation(self, pool: str, now: float, ready: int, starting: int) -> PoolObservation:
+        """The pool at ``now`` (after :meth:`add` of this moment's loads)."""
+        if not self.samples:
+            return PoolObservation(now=now, pool=pool, ready_replicas=ready, starting_replicas=starting)
+        t_new, newest = self.samples[-1]
+        span = t_new - self.samples[0][0]
+        arrived = finished = prompt = output = computed = 0
+        for wid, (load, totals) in newest.items():
+            base = next((s[wid] for _, s in self.samples if wid in s), None)
+            if base is None or base is newest[wid]:
+                continue
+            old_load, old = base
+            finished += totals.num_finished - old.num_finished
+            arrived += (totals.num_finished - old.num_finished
+                        + (load.num_running + load.num_waiting) - (old_load.num_running + old_load.num_waiting))
+            prompt += totals.prompt_tokens - old.prompt_tokens
+            output += totals.output_tokens - old.output_tokens
+            computed += totals.computed_tokens - old.computed_tokens
+        loads = [load for load, _ in newest.values()]
+        return PoolObservation(
+            now=now, pool=pool, ready_replicas=ready, starting_replicas=starting,
+            num_running=sum(x.num_running for x in loads), num_waiting=sum(x.num_waiting for x in loads),
+            kv_usage=sum(x.kv_usage for x in loads) / len(loads) if loads else 0.0,
+            tokens_per_s=computed / span if span > 0 else 0.0,
+            arrival_rate=max(0, arrived) / span if span > 0 else 0.0,
+            mean_prompt_len=prompt / finished if finished > 0 else 0.0,
+            mean_output_len=output / finished if finished > 0 else 0.0)
