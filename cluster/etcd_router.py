@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 
+from shoal.cluster.autoscale.record import list_decisions
 from shoal.cluster.registry import MembershipWatcher, RouterRegistration
 from shoal.cluster.spec import DeploymentSpec
 from shoal.router.app import create_app
 from shoal.router.config import RouterConfig
 from shoal.router.host import RouterHost
+from shoal.router.metrics import RouterMetrics
 from shoal.router.worker_client import GrpcWorkerClient
 from shoal.router.worker_pool import make_pool
 from shoal.workers.models.files import tokenizer_path
 from shoal.workers.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class EtcdRouter:
@@ -55,6 +60,8 @@ class EtcdRouter:
         self.watcher = None
         self.registration = None  # RouterRegistration, with a router_id
         self.host_server: RouterHost | None = None
+        self.metrics = RouterMetrics()
+        self._autoscale_task: asyncio.Task | None = None
 
     @property
     def bound(self) -> tuple[str, int] | None:
@@ -106,7 +113,7 @@ class EtcdRouter:
     async def _start(self) -> None:
         config = self._config()
         self.pool = make_pool(config)
-        app = create_app(config, self.pool, await asyncio.to_thread(self._tokenizer))
+        app = create_app(config, self.pool, await asyncio.to_thread(self._tokenizer), metrics=self.metrics)
         self.host_server = RouterHost(app, self.host, self.port, drain_timeout_s=self.drain_timeout_s)
         await self.host_server.listen()
 
@@ -118,11 +125,24 @@ class EtcdRouter:
 
         self.watcher = await MembershipWatcher(self.client, self.spec.name, prefix=self.spec.etcd.prefix,
                                                on_add=on_add, on_remove=on_remove).start()
+        if self.spec.autoscaling:
+            self._autoscale_task = asyncio.get_running_loop().create_task(self._follow_autoscale())
         await self.host_server.become_ready(self.ready_timeout_s)
         if self.router_id is not None:
             self.registration = await RouterRegistration(
                 self.client, self.spec.name, self.router_id, self.url, ttl_s=self.lease_ttl_s,
                 prefix=self.spec.etcd.prefix, meta={"pid": os.getpid(), **self.meta}).start()
+
+    async def _follow_autoscale(self) -> None:
+        """Copy the autoscaler's etcd records into ``shoal_autoscale_{desired,current}_replicas``, each
+        health interval (at least 1 s): one small range read, so /metrics needs no etcd call."""
+        while True:
+            try:
+                records = await list_decisions(self.client, self.spec.name, self.spec.etcd.prefix)
+                self.metrics.observe_autoscale({p: (r.desired, r.current) for p, r in records.items()})
+            except Exception as e:  # noqa: BLE001 - etcd away: keep the last figures, try again
+                log.info("reading the autoscaling records: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(max(1.0, self.health_interval_s))
 
     async def stop(self) -> None:
         """Deregister (a balancer reading etcd stops sending here), stop following etcd, then drain
@@ -133,6 +153,10 @@ class EtcdRouter:
         watcher, self.watcher = self.watcher, None
         if watcher is not None:
             await watcher.stop()
+        follower, self._autoscale_task = self._autoscale_task, None
+        if follower is not None:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
         host, self.host_server = self.host_server, None
         if host is not None:
             await host.stop()  # the app's lifespan closes the pool

@@ -109,6 +109,11 @@ class RouterMetrics:
         self.worker_metrics_failures = Counter(
             f"{p}_worker_metrics_failures", "Scrapes in which the worker's own series were missing (no answer "
             "within the timeout, an error, or unparsable text)", ["worker"], registry=r)
+        # The deployment's autoscaler, as its etcd records say (fed by whoever follows etcd: EtcdRouter).
+        self.autoscale_desired = Gauge("shoal_autoscale_desired_replicas", "The autoscaling policy's latest "
+                                       "desired replicas, by pool", ["pool"], registry=r)
+        self.autoscale_current = Gauge("shoal_autoscale_current_replicas", "Replicas (serving + starting) of "
+                                       "the pool when the autoscaler last decided", ["pool"], registry=r)
         self._predicted = self._reported = self._prompt = 0
         self._known_workers: set[str] = set()
 
@@ -132,6 +137,14 @@ class RouterMetrics:
         if self._prompt:
             self.prefix_hit_rate.labels("predicted").set(self._predicted / self._prompt)
             self.prefix_hit_rate.labels("reported").set(self._reported / self._prompt)
+
+    def observe_autoscale(self, pools: Mapping[str, tuple[int, int]]) -> None:
+        """Each autoscaled pool's latest ``(desired, current)``; a pool no longer listed is dropped."""
+        self.autoscale_desired.clear()
+        self.autoscale_current.clear()
+        for pool, (desired, current) in pools.items():
+            self.autoscale_desired.labels(pool).set(desired)
+            self.autoscale_current.labels(pool).set(current)
 
     # -- scrape ---------------------------------------------------------------------------------
 

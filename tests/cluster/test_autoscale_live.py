@@ -16,6 +16,7 @@ from shoal.cluster.autoscale.record import DecisionRecord, list_decisions
 from shoal.cluster.launch import _status
 from shoal.cluster.registry import connect, delete_deployment, put_spec
 from shoal.cluster.spec import DeploymentSpec, SpecError
+from shoal.router.metrics import RouterMetrics
 from shoal.workers.protocol import WorkerLoad, WorkerTotals
 
 
@@ -172,3 +173,15 @@ def test_the_load_window_derives_arrivals_and_mix_from_worker_counters():
 def test_decision_records_round_trip():
     record = DecisionRecord("decode", 3, 2, 1, "slo", "up: planned", {"arrival_rate": 1.5}, 12.5)
     assert DecisionRecord.from_json(record.to_json()) == record
+
+
+def test_router_metrics_export_the_latest_decisions_and_drop_gone_pools():
+    metrics = RouterMetrics()
+    metrics.observe_autoscale({"prefill": (3, 2), "decode": (1, 1)})
+    text = metrics.render().decode()
+    assert 'shoal_autoscale_desired_replicas{pool="prefill"} 3.0' in text
+    assert 'shoal_autoscale_current_replicas{pool="prefill"} 2.0' in text
+    assert 'shoal_autoscale_desired_replicas{pool="decode"} 1.0' in text
+    metrics.observe_autoscale({"decode": (2, 1)})
+    text = metrics.render().decode()
+    assert 'pool="prefill"' not in text and 'shoal_autoscale_desired_replicas{pool="decode"} 2.0' in text

@@ -4,7 +4,7 @@
 router), keeps a replica whose placement group cannot be placed "placing" while it asks the
 autoscaler for room (``request_resources``, recorded here: no autoscaler runs on a local cluster),
 and shrinks by graceful drain under load with no failed request. Then the reconcile loop does the same
-from the workers' own load reports. Each node has slots for the replicas (a rank asks for one), so
+from the workers' own load reports, and the router's /metrics exports its decisions. Each node has slots for the replicas (a rank asks for one), so
 the cluster holds exactly three: the fourth cannot be placed.
 
 Workers run a tiny random Llama with SmolLM2's vocabulary (the router tokenizes with SmolLM2's real
@@ -111,6 +111,10 @@ def registered(loop: LoopThread, client) -> set[str]:
     return {w.worker_id for w in loop.run(list_workers(client, NAME))}
 
 
+def scrape(url: str) -> str:
+    return httpx.get(f"{url}/metrics", timeout=10).text
+
+
 def healthy(router: EtcdRouter) -> set[str]:
     return {s.worker_id for s in router.pool.states() if s.healthy}
 
@@ -212,6 +216,9 @@ def test_the_loop_scales_on_live_load_and_back(deployment):
         wait_until(lambda: loop.run(scaler.tick())["unified"].desired == 2, 30, "the loop asks for 2")
         record = loop.run(list_decisions(client, NAME))["unified"]
         assert (record.current, record.policy) == (1, "target") and record.inputs["num_running"] > 1
+        wait_until(lambda: 'shoal_autoscale_desired_replicas{pool="unified"} 2.0' in scrape(url), 10,
+                   "the router exports the decision")
+        assert 'shoal_autoscale_current_replicas{pool="unified"} 1.0' in scrape(url)
         wait_until(lambda: len(registered(loop, client)) == 2, 90, "the second replica registers")
         wait_until(lambda: healthy(router) == registered(loop, client), 15, "the router places on both")
     assert load.failed() == []
@@ -221,3 +228,5 @@ def test_the_loop_scales_on_live_load_and_back(deployment):
                "the newest replica drains and goes")
     record = loop.run(list_decisions(client, NAME))["unified"]
     assert record.desired == 1 and record.reason.startswith("down")
+    wait_until(lambda: 'shoal_autoscale_desired_replicas{pool="unified"} 1.0' in scrape(url), 10,
+               "the router exports the decision down")
