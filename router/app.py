@@ -46,12 +46,13 @@ from .config import RouterConfig
 from .context import RouterContext
 from .errors import ApiError, add_error_handlers
 from .generation import Generation
+from .cold_start import OnDemand
 from .metrics import CONTENT_TYPE, RouterMetrics
 from .middleware import CountRequests, RequestContext, RequireApiKey, access_record
 from .openapi import declare_request_bodies
 from .openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                               ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
-from .respond import respond
+from .respond import hold_for_worker, respond
 from .responses import ChatBuilder, CompletionBuilder
 from .tokenization import Prompt, RouterTokenizer
 from .validation import (check_limits, check_model, child_params, read_request, resolve_max_tokens, run_tokenizer,
@@ -71,11 +72,13 @@ def shoal_version() -> str:
 
 
 def create_app(config: RouterConfig, pool: WorkerPool, tokenizer: Tokenizer | RouterTokenizer, *,
-               metrics: RouterMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> FastAPI:
+               metrics: RouterMetrics | None = None, clock: Callable[[], float] = time.monotonic,
+               on_demand: OnDemand | None = None) -> FastAPI:
     """The router app. Its lifespan starts the pool's polling and closes the pool (and so the worker
-    handles) at shutdown; the pool must not be shared with another app."""
+    handles) at shutdown; the pool must not be shared with another app. ``on_demand(bool)``: told
+    while requests are held for a worker to start (``config.cold_start_wait_s``, ``cold_start.py``)."""
     tok = tokenizer if isinstance(tokenizer, RouterTokenizer) else RouterTokenizer(tokenizer)
-    ctx = RouterContext(config, pool, tok, metrics or RouterMetrics(), clock)
+    ctx = RouterContext(config, pool, tok, metrics or RouterMetrics(), clock, on_demand)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -111,6 +114,7 @@ def _add_generation_routes(app: FastAPI, ctx: RouterContext) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await read_request(request, CompletionRequest, cfg)
+        await hold_for_worker(request, ctx)  # a pool scaled to zero: wait while one starts
         model = check_model(ctx, req.model)
         params = sampling_params(req)
         prompts = await run_tokenizer(tok.encode_completion_prompts, req.prompts(), field="prompt",
@@ -123,6 +127,7 @@ def _add_generation_routes(app: FastAPI, ctx: RouterContext) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await read_request(request, ChatCompletionRequest, cfg)
+        await hold_for_worker(request, ctx)
         model = check_model(ctx, req.model)
         params = sampling_params(req)
         # Template errors (raise_exception, bad roles) are the caller's.
@@ -213,6 +218,8 @@ def _add_status_routes(app: FastAPI, ctx: RouterContext) -> None:
         if ctx.phase != "serving":  # the host is still starting, or draining
             return ctx.unavailable(f"the router is {ctx.phase}", code=f"router_{ctx.phase}").response()
         healthy = sum(1 for s in pool.states() if s.healthy)
+        if not pool.has_healthy() and ctx.config.cold_start_wait_s > 0:  # scaled to zero: requests wait
+            return {"status": "cold", "healthy_workers": healthy, "workers": len(pool)}
         if not pool.has_healthy():  # prefill workers alone cannot serve a request
             return ctx.no_worker_error().response()
         return {"status": "ready", "healthy_workers": healthy, "workers": len(pool)}

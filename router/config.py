@@ -39,6 +39,8 @@ class RouterConfig:
     request_timeout_s: float = option(
         600.0, "seconds from arrival to the last token; past it the request is aborted on its worker "
                "(504 / error event)", exclusive_minimum=0)
+    cold_start_wait_s: float = option(0.0, "seconds a request that finds no healthy worker is held for one "
+                                      "to start (a pool scaled to zero); 0: answer 503 at once", minimum=0)
     retry_after_s: int = option(1, "the Retry-After header of 429 and 503 answers", minimum=0)
 
     max_n: int = option(16, "completions per request (n; for /v1/completions times the number of prompts)",

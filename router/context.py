@@ -6,6 +6,7 @@ import asyncio
 from typing import Callable, Coroutine
 
 from .admission import Admission
+from .cold_start import ColdStart, OnDemand
 from .config import RouterConfig
 from .errors import ApiError
 from .metrics import RouterMetrics
@@ -17,8 +18,9 @@ class RouterContext:
     """Config, pool, tokenizer, metrics, the injected clock, admission, and the app's background tasks."""
 
     def __init__(self, config: RouterConfig, pool: WorkerPool, tok: RouterTokenizer, metrics: RouterMetrics,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], on_demand: OnDemand | None = None) -> None:
         self.config, self.pool, self.tok, self.metrics, self.clock = config, pool, tok, metrics, clock
+        self.cold_start = ColdStart(config.cold_start_wait_s, pool.has_healthy, on_demand)
         self.admission = Admission(config.max_concurrent_requests, config.max_waiting_requests,
                                    config.queue_timeout_s, config.retry_after_s, metrics)
         self._tasks: set[asyncio.Task] = set()  # strong references: asyncio keeps only weak ones

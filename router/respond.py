@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from .context import RouterContext
+from .errors import ApiError
 from .generation import Generation
 from .responses import ResponseBuilder
 from .streaming import SSEResponse, stream_events
@@ -63,6 +64,18 @@ async def _collect(gen: Generation, builder: ResponseBuilder) -> Response:
         if event.error is not None:
             raise event.error
     return JSONResponse(builder.response().model_dump())
+
+
+async def hold_for_worker(request: Request, ctx: RouterContext) -> None:
+    """With no healthy worker and ``cold_start_wait_s`` set, wait (signalling demand) for one to start;
+    503 with Retry-After if none came. Before validation: the context length comes from the workers."""
+    try:
+        came = await unless_disconnected(request, ctx.cold_start.wait())
+    except ClientGone:  # nobody reads the answer; the status reaches the metrics and the access log
+        raise ApiError(_CLIENT_GONE, "the client left while its request was held", code="client_gone") from None
+    if not came:
+        raise ctx.unavailable(f"no worker became healthy within cold_start_wait_s "
+                              f"({ctx.config.cold_start_wait_s:g} s)", code="no_healthy_worker")
 
 
 class ClientGone(Exception):
