@@ -10,9 +10,10 @@ import asyncio
 import dataclasses
 import logging
 import os
+import uuid
 
 from shoal.cluster.autoscale.record import list_decisions
-from shoal.cluster.registry import MembershipWatcher, RouterRegistration
+from shoal.cluster.registry import LeasedKey, MembershipWatcher, RouterRegistration, demand_key
 from shoal.cluster.spec import DeploymentSpec
 from shoal.router.app import create_app
 from shoal.router.config import RouterConfig
@@ -24,6 +25,9 @@ from shoal.workers.models.files import tokenizer_path
 from shoal.workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# Held-request bound when the spec lets a pool scale to zero and the router's config sets none.
+DEFAULT_COLD_START_WAIT_S = 60.0
 
 
 class EtcdRouter:
@@ -62,6 +66,7 @@ class EtcdRouter:
         self.host_server: RouterHost | None = None
         self.metrics = RouterMetrics()
         self._autoscale_task: asyncio.Task | None = None
+        self._demand: LeasedKey | None = None  # put while this router holds requests for a worker
 
     @property
     def bound(self) -> tuple[str, int] | None:
@@ -96,8 +101,11 @@ class EtcdRouter:
         options = dict(router.policy_options)
         if router.policy == "prefix_aware":
             options.setdefault("block_size", self.spec.block_size)
+        cold = self.base_config.cold_start_wait_s
+        if not cold and any(a.min_replicas == 0 for a in self.spec.autoscaling.values()):
+            cold = DEFAULT_COLD_START_WAIT_S  # a pool may be at zero: hold its requests while one starts
         return dataclasses.replace(self.base_config, placement=router.policy, placement_options=options,
-                                   health_interval_s=self.health_interval_s,
+                                   health_interval_s=self.health_interval_s, cold_start_wait_s=cold,
                                    disagg_min_prefill_tokens=router.disagg_min_prefill_tokens)
 
     async def start(self) -> int:
@@ -113,7 +121,8 @@ class EtcdRouter:
     async def _start(self) -> None:
         config = self._config()
         self.pool = make_pool(config)
-        app = create_app(config, self.pool, await asyncio.to_thread(self._tokenizer), metrics=self.metrics)
+        app = create_app(config, self.pool, await asyncio.to_thread(self._tokenizer), metrics=self.metrics,
+                         on_demand=self._signal_demand)
         self.host_server = RouterHost(app, self.host, self.port, drain_timeout_s=self.drain_timeout_s)
         await self.host_server.listen()
 
@@ -127,11 +136,22 @@ class EtcdRouter:
                                                on_add=on_add, on_remove=on_remove).start()
         if self.spec.autoscaling:
             self._autoscale_task = asyncio.get_running_loop().create_task(self._follow_autoscale())
-        await self.host_server.become_ready(self.ready_timeout_s)
+        # Scale to zero: serve with no worker yet (requests are held while one starts).
+        await self.host_server.become_ready(None if config.cold_start_wait_s > 0 else self.ready_timeout_s)
         if self.router_id is not None:
             self.registration = await RouterRegistration(
                 self.client, self.spec.name, self.router_id, self.url, ttl_s=self.lease_ttl_s,
                 prefix=self.spec.etcd.prefix, meta={"pid": os.getpid(), **self.meta}).start()
+
+    async def _signal_demand(self, held: bool) -> None:
+        """Keep ``demand/<router>`` in etcd (leased: it goes if this router dies) while requests are held."""
+        if held and self._demand is None:
+            key = demand_key(self.spec.name, self.router_id or f"router-{uuid.uuid4().hex[:12]}",
+                             self.spec.etcd.prefix)
+            self._demand = await LeasedKey(self.client, key, b'{"held": true}', ttl_s=self.lease_ttl_s).start()
+        elif not held and self._demand is not None:
+            demand, self._demand = self._demand, None
+            await demand.deregister()
 
     async def _follow_autoscale(self) -> None:
         """Copy the autoscaler's etcd records into ``shoal_autoscale_{desired,current}_replicas``, each
@@ -153,6 +173,9 @@ class EtcdRouter:
         watcher, self.watcher = self.watcher, None
         if watcher is not None:
             await watcher.stop()
+        demand, self._demand = self._demand, None
+        if demand is not None:
+            await demand.deregister()
         follower, self._autoscale_task = self._autoscale_task, None
         if follower is not None:
             follower.cancel()

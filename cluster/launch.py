@@ -146,8 +146,9 @@ class Launch:
                                      start_timeout_s=start_timeout_s, hang_timeout_s=hang_timeout_s,
                                      extra_resources_per_rank=extra_resources_per_rank)
         # Only pools with an autoscaling block are scaled; the rest keep pools.<role>.replicas.
-        self.autoscaler = Autoscaler(spec, self.controller, ControllerSource(self.controller, autoscale_window_s),
-                                     client=client, interval_s=autoscale_interval_s) if spec.autoscaling else None
+        source = ControllerSource(self.controller, autoscale_window_s, client)
+        self.autoscaler = Autoscaler(spec, self.controller, source, client=client, interval_s=autoscale_interval_s,
+                                     zero_after_s=autoscale_window_s) if spec.autoscaling else None
         self.router: EtcdRouter | None = None
         self.with_routers = routers
         self.routers = RouterReplicas(spec, client, etcd_endpoints=etcd_endpoints, local_node_id=self.node_id,

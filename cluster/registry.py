@@ -98,6 +98,17 @@ def autoscale_key(deployment: str, pool: str, prefix: str = DEFAULT_PREFIX) -> s
     return autoscale_prefix(deployment, prefix) + pool
 
 
+def demand_prefix(deployment: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """``<prefix>/<deployment>/demand/``: a router holding requests for a worker (scale to zero) keeps a
+    leased key here; the autoscaler counts the keys as waiting work."""
+    return _members_prefix(deployment, "demand", prefix)
+
+
+def demand_key(deployment: str, router_key: str, prefix: str = DEFAULT_PREFIX) -> str:
+    _check_segment("router key", router_key)
+    return demand_prefix(deployment, prefix) + router_key
+
+
 def spec_key(deployment: str, prefix: str = DEFAULT_PREFIX) -> str:
     _check_segment("deployment", deployment)
     return f"{_norm_prefix(prefix)}/{deployment}/spec"

@@ -17,10 +17,12 @@ logged and the next one tries again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Callable, Mapping, Protocol
 
+from shoal.cluster.registry import demand_prefix
 from shoal.cluster.spec import DeploymentSpec, PoolAutoscaling
 
 from .base import Bounds, Decision, Policy, PoolObservation, make_policy
@@ -45,25 +47,34 @@ class ScaleTarget(Protocol):
 
 class ControllerSource:
     """Observations from a :class:`~shoal.cluster.controller.Controller`: its replica counts and its
-    actors' ``load()`` answers, rates over ``window_s``."""
+    actors' ``load()`` answers, rates over ``window_s``. With an etcd ``client``, each router's demand
+    key (it holds requests while no worker serves: scale to zero) counts as one waiting request in
+    every pool that serves Generate (unified, decode)."""
 
-    def __init__(self, controller, window_s: float = 30.0) -> None:
+    def __init__(self, controller, window_s: float = 30.0, client=None) -> None:
         self.controller = controller
         self.window_s = window_s
+        self.client = client
         self.windows: dict[str, LoadWindow] = {}
 
     async def observe(self, pool: str, now: float) -> PoolObservation:
         window = self.windows.setdefault(pool, LoadWindow(self.window_s))
         window.add(now, await self.controller.loads(pool))
         ready, starting = self.controller.counts(pool)
-        return window.observation(pool, now, ready, starting)
+        obs = window.observation(pool, now, ready, starting)
+        held = await self.routers_holding() if pool != "prefill" else 0
+        return dataclasses.replace(obs, num_waiting=max(obs.num_waiting, held)) if held else obs
+
+    async def routers_holding(self) -> int:
+        if self.client is None:
+            return 0
+        spec = self.controller.spec
+        found = await self.client.get_prefix(demand_prefix(spec.name, spec.etcd.prefix).encode(), keys_only=True)
+        return len(found)
 
 
 def make_pool_policy(pool: str, auto: PoolAutoscaling) -> Policy:
     """The policy a spec's ``autoscaling.<pool>`` block names; a ValueError names the block."""
-    if auto.min_replicas < 1:
-        raise ValueError(f"autoscaling.{pool}.min_replicas: 0 (scale to zero) needs a demand signal from the "
-                         f"routers, which the live controller does not read; use min_replicas >= 1")
     try:
         return make_policy(auto.policy, Bounds(auto.min_replicas, auto.max_replicas), None, **dict(auto.options))
     except (ValueError, OSError) as e:  # an option the declaration refuses, a profile file that is not there
@@ -75,11 +86,12 @@ class Autoscaler:
 
     ``target`` applies a count (``Controller.scale``); ``source`` observes a pool; ``client`` (aetcd,
     optional) receives the decision records. ``clock`` gives the policies' time (monotonic seconds),
-    ``wall`` the records' (Unix seconds).
+    ``wall`` the records' (Unix seconds). ``zero_after_s``: a pool is taken to zero only once the loop
+    has watched it that long (a fresh loop has no arrival history: a quiet first moment is not idleness).
     """
 
     def __init__(self, spec: DeploymentSpec, target: ScaleTarget, source: ObservationSource, *, client=None,
-                 interval_s: float = 5.0, policies: Mapping[str, Policy] | None = None,
+                 interval_s: float = 5.0, zero_after_s: float = 30.0, policies: Mapping[str, Policy] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0 (seconds between autoscaling decisions), got {interval_s}")
@@ -90,14 +102,18 @@ class Autoscaler:
         for pool in self.policies:
             if pool not in spec.pools:
                 raise ValueError(f"autoscaling names pool {pool!r}; {spec.name!r} has {sorted(spec.pools)}")
+        if not zero_after_s >= 0:
+            raise ValueError(f"zero_after_s must be >= 0, got {zero_after_s}")
+        self.zero_after_s = zero_after_s
         self._clock, self._wall = clock, wall
+        self._watched_since: dict[str, float] = {}
         self.latest: dict[str, DecisionRecord] = {}
 
     async def tick(self) -> dict[str, DecisionRecord]:
         """One decision per autoscaled pool, applied and recorded; -> pool -> its record."""
         for pool, policy in self.policies.items():
             obs = await self.source.observe(pool, self._clock())
-            decision = policy.decide(obs)
+            decision = self._not_to_zero_yet(pool, obs, policy.decide(obs))
             if decision.replicas != obs.replicas:
                 moving_to = self.target.scale(pool, decision.replicas)
                 log.info("%s: autoscale %s %d -> %d (%s; now moving to %d): %s", self.spec.name, pool, obs.replicas,
@@ -109,6 +125,12 @@ class Autoscaler:
             if self.client is not None:
                 await put_decision(self.client, self.spec.name, record, self.spec.etcd.prefix)
         return dict(self.latest)
+
+    def _not_to_zero_yet(self, pool: str, obs: PoolObservation, decision: Decision) -> Decision:
+        since = self._watched_since.setdefault(pool, obs.now)
+        if decision.replicas > 0 or obs.replicas == 0 or obs.now - since >= self.zero_after_s:
+            return decision
+        return Decision(1, f"{decision.reason}; not to zero before {self.zero_after_s:g} s watched", decision.inputs)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick every ``interval_s`` until ``stop`` is set; a failed tick is logged, not fatal."""

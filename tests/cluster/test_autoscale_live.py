@@ -132,9 +132,6 @@ def test_bad_autoscaling_config_is_a_clear_error():
         spec_with({"unified": {"policy": "queue"}})
     with pytest.raises(SpecError, match=r"pools\.unified\.replicas.*within autoscaling \[2, 3\]"):
         spec_with({"unified": {"min_replicas": 2, "max_replicas": 3}}, replicas=1)
-    zero = spec_with({"unified": {"min_replicas": 0, "max_replicas": 2}})
-    with pytest.raises(ValueError, match=r"autoscaling\.unified\.min_replicas: 0 \(scale to zero\)"):
-        Autoscaler(zero, Recorder(), Script())
     missing = spec_with({"unified": {"max_replicas": 2, "policy": "slo", "profile": "/no/such/profile.json"}})
     with pytest.raises(ValueError, match=r"autoscaling\.unified \(policy 'slo'\)"):
         make_pool_policy("unified", missing.autoscaling["unified"])
@@ -185,3 +182,24 @@ def test_router_metrics_export_the_latest_decisions_and_drop_gone_pools():
     metrics.observe_autoscale({"decode": (2, 1)})
     text = metrics.render().decode()
     assert 'pool="prefill"' not in text and 'shoal_autoscale_desired_replicas{pool="decode"} 2.0' in text
+
+
+def test_a_pool_goes_to_zero_only_after_the_loop_watched_it_long_enough():
+    spec = spec_with({"unified": {"min_replicas": 0, "max_replicas": 2, "policy": "queue",
+                                  "scale_down_window_s": 0}})
+    idle = {"ready_replicas": 1}
+    source, target, clock = Script(idle, idle, idle, {"num_waiting": 1}), Recorder(), Clock()
+    scaler = Autoscaler(spec, target, source, clock=clock, zero_after_s=30)
+
+    def tick(dt: float) -> DecisionRecord:
+        clock.t += dt
+        return asyncio.run(scaler.tick())["unified"]
+
+    first = tick(0)  # a fresh loop has no arrival history: a quiet moment is not yet idleness
+    assert (first.desired, target.calls) == (1, []) and "not to zero before 30 s watched" in first.reason
+    assert tick(10).desired == 1 and target.calls == []
+    assert tick(25).desired == 0 and target.calls == [("unified", 0)]  # 35 s watched, still idle
+    back = tick(1)  # at zero, a router's held request (demand) counts as waiting: one replica again
+    assert (back.desired, back.current) == (1, 0) and target.calls[-1] == ("unified", 1)
+    with pytest.raises(ValueError, match="zero_after_s must be >= 0"):
+        Autoscaler(spec, target, source, zero_after_s=-1)

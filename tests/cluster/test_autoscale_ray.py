@@ -4,8 +4,10 @@
 router), keeps a replica whose placement group cannot be placed "placing" while it asks the
 autoscaler for room (``request_resources``, recorded here: no autoscaler runs on a local cluster),
 and shrinks by graceful drain under load with no failed request. Then the reconcile loop does the same
-from the workers' own load reports, and the router's /metrics exports its decisions. Each node has slots for the replicas (a rank asks for one), so
-the cluster holds exactly three: the fourth cannot be placed.
+from the workers' own load reports, and the router's /metrics exports its decisions. Last, the idle
+pool goes to zero and a request brings a replica back: the router holds it and signals demand in etcd.
+Each node has slots for the replicas (a rank asks for one), so the cluster holds exactly three: the
+fourth cannot be placed.
 
 Workers run a tiny random Llama with SmolLM2's vocabulary (the router tokenizes with SmolLM2's real
 tokenizer, read from its GGUF).
@@ -29,7 +31,7 @@ from shoal.cluster.autoscale.record import list_decisions  # noqa: E402
 from shoal.cluster.controller import Controller  # noqa: E402
 from shoal.cluster.etcd import EmbeddedEtcd  # noqa: E402
 from shoal.cluster.etcd_router import EtcdRouter  # noqa: E402
-from shoal.cluster.registry import connect, list_workers  # noqa: E402
+from shoal.cluster.registry import connect, demand_prefix, list_workers  # noqa: E402
 from shoal.cluster.spec import DeploymentSpec  # noqa: E402
 from shoal.workers.models.presets import PRESETS  # noqa: E402
 
@@ -48,7 +50,7 @@ def spec_of(model_dir, tokenizer, etcd_endpoint: str) -> DeploymentSpec:
                                          "max_num_batched_tokens": 512}}},
         "router": {"policy": "least_load"},
         "etcd": {"endpoints": etcd_endpoint},
-        "autoscaling": {"unified": {"min_replicas": 1, "max_replicas": 2, "policy": "target",
+        "autoscaling": {"unified": {"min_replicas": 0, "max_replicas": 2, "policy": "target",
                                     "metric": "num_running", "target": 1, "scale_down_window_s": 0}}})
 
 
@@ -230,3 +232,39 @@ def test_the_loop_scales_on_live_load_and_back(deployment):
     assert record.desired == 1 and record.reason.startswith("down")
     wait_until(lambda: 'shoal_autoscale_desired_replicas{pool="unified"} 1.0' in scrape(url), 10,
                "the router exports the decision down")
+
+
+def test_an_idle_pool_scales_to_zero_and_a_held_request_brings_a_replica_back(deployment):
+    loop, spec, controller, url, router, client, asked = deployment
+    scaler = Autoscaler(spec, controller, ControllerSource(controller, window_s=2, client=client), client=client,
+                        zero_after_s=2)
+    # No arrivals within the 2 s window (and no scale-down window): min_replicas 0 lets it go to zero.
+    wait_until(lambda: loop.run(scaler.tick())["unified"].desired == 0, 30, "the loop asks for 0")
+    wait_until(lambda: registered(loop, client) == set() and controller.replicas == [], 30, "the pool is empty")
+    demand = lambda: list(loop.run(client.get_prefix(demand_prefix(NAME).encode(), keys_only=True)))  # noqa: E731
+    assert demand() == [] and httpx.get(f"{url}/ready", timeout=10).json()["status"] == "cold"
+    answer: dict = {}
+
+    def ask() -> None:
+        answer["resp"] = httpx.post(f"{url}/v1/completions", timeout=90, json={
+            "model": spec.model, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
+
+    held = threading.Thread(target=ask, daemon=True)
+    sent = time.monotonic()
+    held.start()
+    wait_until(lambda: len(demand()) == 1, 10, "the router holds the request and puts its demand key")
+    record = wait_until_record(loop, scaler, 1)
+    assert record.current == 0 and record.inputs["num_waiting"] == 1
+    held.join(90)
+    cold_start = time.monotonic() - sent
+    assert answer["resp"].status_code == 200, answer["resp"].text
+    wait_until(lambda: demand() == [], 10, "the demand key goes once nothing is held")
+    assert registered(loop, client) == {"unified-5-0"}  # indices are never reused (3 was placing, 4 drained)
+    print(f"cold start from zero: {cold_start:.1f} s to the held request's answer")
+
+
+def wait_until_record(loop: LoopThread, scaler: Autoscaler, desired: int):
+    found = []
+    wait_until(lambda: found.append(loop.run(scaler.tick())["unified"]) or found[-1].desired == desired, 10,
+               f"the loop asks for {desired}")
+    return found[-1]
