@@ -31,6 +31,7 @@ from shoal.cluster.autoscale.record import list_decisions  # noqa: E402
 from shoal.cluster.controller import Controller  # noqa: E402
 from shoal.cluster.etcd import EmbeddedEtcd  # noqa: E402
 from shoal.cluster.etcd_router import EtcdRouter  # noqa: E402
+from shoal.cluster.launch import Launch  # noqa: E402
 from shoal.cluster.registry import connect, demand_prefix, list_workers  # noqa: E402
 from shoal.cluster.spec import DeploymentSpec  # noqa: E402
 from shoal.workers.models.presets import PRESETS  # noqa: E402
@@ -268,3 +269,30 @@ def wait_until_record(loop: LoopThread, scaler: Autoscaler, desired: int):
     wait_until(lambda: found.append(loop.run(scaler.tick())["unified"]) or found[-1].desired == desired, 10,
                f"the loop asks for {desired}")
     return found[-1]
+
+
+def test_shoal_launch_runs_the_loop_for_an_autoscaled_pool(deployment):
+    loop, spec, controller, url, router, client, asked = deployment
+    data = spec.to_dict()
+    data.update(name="launch-scale", autoscaling={"unified": {"min_replicas": 1, "max_replicas": 2,
+                                                              "policy": "static", "replicas": 2}})
+    data["pools"]["unified"]["replicas"] = 1
+    other = DeploymentSpec.from_dict(data)
+    launch = Launch(other, client, etcd_endpoints=",".join(other.etcd.endpoints), node_ip="127.0.0.1",
+                    host="127.0.0.1", port=0, lease_ttl_s=TTL, start_timeout_s=120, health_interval_s=0.3,
+                    autoscale_interval_s=0.3, autoscale_window_s=5)
+    stop = asyncio.Event()
+    running = None
+    try:
+        loop.run(launch.start())
+        running = asyncio.run_coroutine_threadsafe(launch.run(stop, interval_s=0.3), loop.loop)
+        ids = lambda: {w.worker_id for w in loop.run(list_workers(client, "launch-scale"))}  # noqa: E731
+        wait_until(lambda: ids() == {"unified-0-0", "unified-1-0"}, 90, "the launcher's loop adds the replica")
+        record = loop.run(list_decisions(client, "launch-scale"))["unified"]
+        assert (record.desired, record.policy) == (2, "static")
+    finally:
+        loop.loop.call_soon_threadsafe(stop.set)
+        if running is not None:
+            running.result(30)
+        loop.run(launch.stop())
+    assert loop.run(list_workers(client, "launch-scale")) == []
