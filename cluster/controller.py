@@ -19,7 +19,7 @@ loading a model has its own limit, ``start_timeout_s``.
 
 Scaling (:meth:`Controller.scale`): a pool grows by new replicas with new indices (never reused, so
 no worker id ever names two actors); a group the cluster cannot place within ``place_wait_s`` stays
-"starting" while ``ray.autoscaler.sdk.request_resources`` asks the autoscaler (KubeRay's) for nodes
+"placing" while ``ray.autoscaler.sdk.request_resources`` asks the autoscaler (KubeRay's) for nodes
 that fit every replica of the deployment. A pool shrinks by graceful drain of its highest-index
 replicas: the actor deregisters (routers stop placing on it), lets in-flight requests finish within
 ``drain_grace_s``, then it is killed and its group removed. A replica being restarted, or whose actor
@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping
 
 import aetcd
 import ray
+from ray.autoscaler.sdk import request_resources as ray_request_resources
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -109,12 +110,6 @@ class Replica:
         return f"{self.role}-{self.index}-{self.generation}"
 
 
-def _request_resources(bundles: list[dict[str, float]]) -> None:
-    from ray.autoscaler.sdk import request_resources
-
-    request_resources(bundles=bundles)
-
-
 class Controller:
     """Create, watch and remove one deployment's replicas on the Ray cluster this process is connected to.
 
@@ -131,7 +126,7 @@ class Controller:
                  lease_ttl_s: int = 10, extra_resources_per_rank: Mapping[str, float] | None = None,
                  start_timeout_s: float = 600.0, drain_grace_s: float = 5.0, hang_timeout_s: float = 60.0,
                  place_wait_s: float = 5.0,
-                 request_resources: Callable[[list[dict[str, float]]], None] = _request_resources,
+                 request_resources: Callable[[list[dict[str, float]]], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not start_timeout_s > 0:
             raise ValueError(f"start_timeout_s must be > 0, got {start_timeout_s}")
@@ -149,7 +144,7 @@ class Controller:
         self.drain_grace_s = drain_grace_s
         self.hang_timeout_s = hang_timeout_s
         self.place_wait_s = place_wait_s
-        self._request_resources = request_resources
+        self._request_resources = request_resources or (lambda bundles: ray_request_resources(bundles=bundles))
         self._asked_for_nodes = False  # a request_resources is standing: lower it when the pool shrinks
         self._clock = clock
         self.replicas: list[Replica] = []
