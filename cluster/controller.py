@@ -227,9 +227,10 @@ class Controller:
         return {wid: load for wid, load in await asyncio.gather(*(one(r) for r in serving)) if load is not None}
 
     def scale(self, role: str, n: int) -> int:
-        """Begin moving pool ``role`` to ``n`` replicas; -> the count it is moving to (fewer than asked
-        when a replica is busy restarting or loading: a later call picks it). Returns at once: new
-        replicas place and start in the background, old ones drain (see the module docstring)."""
+        """Begin moving pool ``role`` to ``n`` replicas; -> the count it is moving to. Returns at once:
+        new replicas place and start in the background, the highest-index ones drain. One of those
+        that is busy restarting or loading stays (no lower, serving replica goes in its place), so
+        the count returned is then above ``n``: a later call takes it."""
         if role not in self.spec.pools:
             raise ValueError(f"{self.spec.name!r} has no pool {role!r}; pools are {sorted(self.spec.pools)}")
         if n < 0:
@@ -239,9 +240,9 @@ class Controller:
             for _ in range(n - len(members)):
                 self._grow(role)
         elif n < len(members):
-            victims = [r for r in reversed(members) if not self._busy(r)][:len(members) - n]
-            for r in victims:
-                self._retire(r)
+            for r in members[n:]:
+                if not self._busy(r):
+                    self._retire(r)
         return len(self.pool(role))
 
     @staticmethod

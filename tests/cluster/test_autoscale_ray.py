@@ -189,6 +189,18 @@ def test_a_replica_that_cannot_be_placed_stays_placing_and_asks_for_nodes(deploy
     assert registered(loop, client) == {"unified-0-0", "unified-1-0", "unified-2-0"}
 
 
+def test_scale_down_leaves_a_restarting_replica_for_a_later_call(deployment):
+    loop, spec, controller, url, router, client, asked = deployment
+    top = next(r for r in controller.replicas if r.index == 2)
+    ray.kill(top.actor, no_restart=True)
+    assert loop.run(controller.check()) == ["unified-2-0"]  # its restart begins
+    assert scale(loop, controller, 2) == 3  # half restarted: not drained, and no serving one instead
+    assert {d["replica"]: d["state"] for d in controller.describe()} == {
+        "unified-0": "serving", "unified-1": "serving", "unified-2": "starting"}
+    wait_until(lambda: "unified-2-1" in healthy(router), 60, "the restarted replica serves")
+    assert controller.counts("unified") == (3, 0)
+
+
 def test_scale_down_drains_under_load_with_no_failed_request(deployment):
     loop, spec, controller, url, router, client, asked = deployment
     victims = [r for r in controller.replicas if r.index in (1, 2)]
