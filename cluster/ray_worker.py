@@ -113,7 +113,7 @@ class WorkerActor:
         if engine is None:
             return None
         totals = await asyncio.to_thread(engine.metrics.totals)  # waits (bounded) for the engine thread
-        return engine.load(), totals
+        return engine.load(), dataclasses.replace(totals, oldest_wait_s=engine.oldest_wait_s())
 
     async def disagg_config(self) -> dict | None:
         """The engine's DisaggConfig as a dict (None before ``start()``): what its KV transfers use."""

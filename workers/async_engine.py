@@ -244,6 +244,14 @@ class AsyncEngine:
             raise ValueError(f"{what} needs enable_prefix_caching=True on this worker")
 
     # -- reports --------------------------------------------------------------------------------
+    def oldest_wait_s(self) -> float:
+        """Seconds the request longest in the scheduler's queue has waited (0: none waits). Read from
+        the event loop while the engine thread runs: a copy of the list, never the live one iterated."""
+        waiting = list(self.engine.scheduler.waiting)
+        if not waiting:
+            return 0.0
+        return max(0.0, time.monotonic() - min(r.arrival_time for r in waiting))
+
     def load(self) -> WorkerLoad:
         sched = self.engine.scheduler
         kv = self.engine.kv_cache

@@ -116,6 +116,8 @@ class WorkerTotals:
     prompt_tokens: int = 0  # summed over the finished requests
     output_tokens: int = 0  # summed over the finished requests
     computed_tokens: int = 0  # prompt + generated tokens computed, finished requests or not
+    # Not a count: the current wait of the request longest in the queue, s (the queue policy's trigger).
+    oldest_wait_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ newest sample's; rates are differences of the counters over the last ``window_s`
   that arrived either finished or is still there, so this counts each arrival once, without the
   router's help;
 * the request mix is the finished requests' mean prompt and output lengths;
-* tokens/s is the prompt and generated tokens computed.
+* tokens/s is the prompt and generated tokens computed;
+* the longest queue time is the newest sample's oldest waiting request, over all workers.
 
 A worker counts from its first sample in the window (one that joined mid-window loses at most what
 arrived before its first report); one that left takes its counts with it (a drained worker gets no
@@ -59,6 +60,7 @@ class LoadWindow:
             output += totals.output_tokens - old.output_tokens
             computed += totals.computed_tokens - old.computed_tokens
         loads = [load for load, _ in newest.values()]
+        oldest = max((totals.oldest_wait_s for _, totals in newest.values()), default=0.0)
         return PoolObservation(
             now=now, pool=pool, ready_replicas=ready, starting_replicas=starting,
             num_running=sum(x.num_running for x in loads), num_waiting=sum(x.num_waiting for x in loads),
@@ -66,4 +68,4 @@ class LoadWindow:
             tokens_per_s=computed / span if span > 0 else 0.0,
             arrival_rate=max(0, arrived) / span if span > 0 else 0.0,
             mean_prompt_len=prompt / finished if finished > 0 else 0.0,
-            mean_output_len=output / finished if finished > 0 else 0.0)
+            mean_output_len=output / finished if finished > 0 else 0.0, max_queue_time_s=oldest)

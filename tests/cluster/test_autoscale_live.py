@@ -149,14 +149,15 @@ def test_the_load_window_derives_arrivals_and_mix_from_worker_counters():
     first = window.observation("unified", 0.0, ready=1, starting=0)
     assert (first.arrival_rate, first.num_running, first.ready_replicas) == (0.0, 2, 1)  # no span yet
     # 4 s later: w0 finished 8 (prompts 50, outputs 10 each) and holds 3 more; w1 joined holding 1.
-    window.add(4.0, {"w0": (load(3, 2, kv=0.5), WorkerTotals(18, 1400, 180, 1700)),
-                     "w1": (load(1, kv=0.1), WorkerTotals(0, 0, 0, 20))})
+    window.add(4.0, {"w0": (load(3, 2, kv=0.5), WorkerTotals(18, 1400, 180, 1700, oldest_wait_s=2.5)),
+                     "w1": (load(1, kv=0.1), WorkerTotals(0, 0, 0, 20, oldest_wait_s=0.5))})
     obs = window.observation("unified", 4.0, ready=2, starting=1)
     assert obs.arrival_rate == pytest.approx((8 + 3) / 4)  # finished + the change in requests present
     assert (obs.mean_prompt_len, obs.mean_output_len) == (50, 10)
     assert obs.tokens_per_s == pytest.approx(600 / 4)
     assert (obs.num_running, obs.num_waiting, obs.kv_usage) == (4, 2, pytest.approx(0.3))
     assert (obs.ready_replicas, obs.starting_replicas) == (2, 1)
+    assert obs.max_queue_time_s == 2.5  # the queue policy's trigger: the longest wait of any worker
     # Old samples leave the window; the one at its start stays as the base.
     window.add(20.0, {"w0": (load(0), WorkerTotals(30, 2000, 300, 3000))})
     window.add(21.0, {"w0": (load(0), WorkerTotals(31, 2040, 310, 3050))})

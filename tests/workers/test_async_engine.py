@@ -88,3 +88,19 @@ def test_load_and_liveness(aengine):
     assert load.num_total_blocks == 64 and load.num_running == 0 and 0 <= load.kv_usage <= 1
     assert aengine.alive()
     assert aengine.info().block_size == 8
+
+
+def test_oldest_wait_is_the_longest_a_queued_request_has_waited(tiny_checkpoints):
+    """The queue policy's trigger, as the worker actor reports it: 0 with an empty queue, then the
+    age of the oldest request the scheduler holds back (the engine thread is not started here, so
+    nothing leaves the queue)."""
+    path, _ = tiny_checkpoints["llama"]
+    engine = LLMEngine(EngineConfig(model=path, device="cpu", dtype="float32", max_model_len=256,
+                                    num_kv_blocks=16, block_size=8))
+    eng = AsyncEngine(engine)
+    assert eng.oldest_wait_s() == 0.0
+    engine.add_request(list(range(3, 40)), greedy(4))
+    first = eng.oldest_wait_s()
+    engine.add_request(list(range(3, 40)), greedy(4))
+    later = eng.oldest_wait_s()
+    assert 0.0 < first <= later < 60.0  # the first request's age, growing; the second is younger
