@@ -258,6 +258,8 @@ class Scheduler:
         was = request.status
         request.append_output_token(token)
         self._check_stop(request, token)
+        if rid in result.grammar_finished and not request.status.finished:
+            request.status = RequestStatus.FINISHED_STOPPED  # the grammar is complete: nothing may follow
         lp = result.logprobs.get(rid)
         done = request.status.finished
         if done:
