@@ -162,7 +162,9 @@ class StructuredOutputsParams(_Request):
         "disable_additional_properties": ((False,), "disable_additional_properties"),
     }
 
-    json: dict[str, Any] | bool | str | None = None
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")  # BaseModel has a json()
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
@@ -224,7 +226,7 @@ class _SamplingRequest(_Request):
         so = self.structured_outputs
         if so is not None:
             for key in ("json", "regex", "choice", "grammar", "json_object"):
-                value = getattr(so, key)
+                value = so.json_ if key == "json" else getattr(so, key)
                 if value is not None and value is not False:
                     found.append((f"structured_outputs.{key}", _constraint(key, value)))
         for key in ("json", "regex", "choice", "grammar"):
