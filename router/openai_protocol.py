@@ -10,9 +10,9 @@ Nothing is silently ignored: a field shoal does not know is a 400, as OpenAI ans
 the OpenAI or vLLM API that shoal does not implement (guided decoding, tools, beam search, ...) is a
 400 naming it unless its value asks for nothing (``null``, ``false``, ``{"type": "text"}``: clients
 that send defaults keep working). Structured output has four spellings, all accepted and each refused
-in combination with another (:meth:`_SamplingRequest.structured_constraint`). vLLM's extra sampling fields (``top_k``, ``min_p``,
-``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ...) are accepted at the top level, which is
-where the official client's ``extra_body`` puts them.
+in combination with another (:meth:`_SamplingRequest.structured_constraint`). vLLM's extra sampling
+fields (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ...) are accepted
+at the top level, which is where the official client's ``extra_body`` puts them.
 """
 
 from __future__ import annotations

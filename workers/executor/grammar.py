@@ -14,6 +14,7 @@ request's last prompt token) and ``n > 1`` (each child is its own request) need 
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -58,7 +59,9 @@ class GrammarCompiler:
     """Compiles constraints for one tokenizer and fills a batch's bitmask.
 
     ``tokenizer_json``: the ``tokenizers`` serialisation of the model's tokenizer; ``vocab_size``: the
-    model's logits width (may exceed the tokenizer's; the extra ids are never allowed).
+    model's logits width (may exceed the tokenizer's; the extra ids are never allowed). ``compile`` may
+    be called from any thread (a worker validates requests on its event loop while the engine thread
+    starts sequences); ``fill`` only from the engine's.
     """
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int],
@@ -70,6 +73,7 @@ class GrammarCompiler:
                                                 eos_token=sorted(eos_token_ids))
         self._cache: OrderedDict[StructuredOutputs, llguidance.LLMatcher] = OrderedDict()
         self._cache_size = cache_size
+        self._lock = threading.Lock()  # guards _cache
         self._executor = llguidance.LLExecutor()
         self.words = (vocab_size + 31) // 32
         # Reused each step; pinned on CUDA so the copy to the device is queued like a kernel.
@@ -77,22 +81,21 @@ class GrammarCompiler:
 
     def compile(self, spec: StructuredOutputs) -> llguidance.LLMatcher:
         """The compiled matcher of ``spec`` (cached); ``InvalidParam`` naming the field if it cannot be."""
-        hit = self._cache.get(spec)
-        if hit is not None:
-            self._cache.move_to_end(spec)
-            return hit
+        with self._lock:
+            hit = self._cache.get(spec)
+            if hit is not None:
+                self._cache.move_to_end(spec)
+                return hit
+        # Outside the lock: two threads may compile one spec at once; either result is the same.
         matcher = llguidance.LLMatcher(self.tokenizer, check(spec, self.tokenizer), log_level=0)
         if matcher.is_error():
             raise InvalidParam(spec.field, f"{spec.field} cannot be compiled: {matcher.get_error()}",
                                f"cannot be compiled: {matcher.get_error()}")
-        self._cache[spec] = matcher
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[spec] = matcher
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return matcher
-
-    @property
-    def num_cached(self) -> int:
-        return len(self._cache)
 
     def start(self, spec: StructuredOutputs, output_token_ids: Sequence[int] = ()) -> SequenceGrammar:
         """A fresh sequence state, advanced over the tokens the sequence already generated."""
