@@ -9,9 +9,10 @@ names the field as data. A violation becomes an HTTP 400 whose ``param`` names t
 Nothing is silently ignored: a field shoal does not know is a 400, as OpenAI answers, and a field of
 the OpenAI or vLLM API that shoal does not implement (guided decoding, tools, beam search, ...) is a
 400 naming it unless its value asks for nothing (``null``, ``false``, ``{"type": "text"}``: clients
-that send defaults keep working). vLLM's extra sampling fields (``top_k``, ``min_p``,
-``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ...) are accepted at the top level, which is
-where the official client's ``extra_body`` puts them.
+that send defaults keep working). Structured output has four spellings, all accepted and each refused
+in combination with another (:meth:`_SamplingRequest.structured_constraint`). vLLM's extra sampling
+fields (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ...) are accepted
+at the top level, which is where the official client's ``extra_body`` puts them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shoal.workers.engine.sampling_params import InvalidParam, SamplingParams
+from shoal.workers.engine.structured_outputs import StructuredOutputs, check
 
 # -- errors ---------------------------------------------------------------------------------------------
 
@@ -107,13 +109,10 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-_GUIDED = "guided decoding (structured output)"
 _SAMPLING_UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "logit_bias": (({},), "logit_bias"),
-    "response_format": (({"type": "text"},), "response_format other than {'type': 'text'} (structured output)"),
-    "guided_json": ((), _GUIDED), "guided_regex": ((), _GUIDED), "guided_choice": ((), _GUIDED),
-    "guided_grammar": ((), _GUIDED), "guided_decoding_backend": ((), _GUIDED),
-    "guided_whitespace_pattern": ((), _GUIDED), "structured_outputs": ((), _GUIDED),
+    "guided_decoding_backend": ((), "guided_decoding_backend (shoal has one grammar engine, llguidance)"),
+    "guided_whitespace_pattern": ((), "guided_whitespace_pattern"),
     "use_beam_search": ((False,), "beam search"),
     "length_penalty": ((1, 1.0), "length_penalty (beam search)"),
     "prompt_logprobs": ((), "prompt_logprobs"),
@@ -129,6 +128,47 @@ _SAMPLING_UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "prediction": ((), "prediction (predicted outputs)"),
     "service_tier": (("auto", "default"), "service_tier"),
 }
+
+
+class JsonSchemaFormat(_Request):
+    """``response_format.json_schema``. ``strict`` is accepted either way: the schema is always enforced."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise InvalidParam("json_schema", "json_schema: required with type 'json_schema', and only with it")
+        return self
+
+
+class StructuredOutputsParams(_Request):
+    """vLLM's ``structured_outputs`` object: exactly one constraint."""
+
+    unsupported: ClassVar[dict[str, tuple[tuple, str]]] = {
+        "structural_tag": ((), "structural_tag"), "whitespace_pattern": ((), "whitespace_pattern"),
+        "disable_fallback": ((False,), "disable_fallback (shoal has one grammar engine)"),
+        "disable_any_whitespace": ((False,), "disable_any_whitespace (JSON is always compact)"),
+        "disable_additional_properties": ((False,), "disable_additional_properties"),
+    }
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")  # BaseModel has a json()
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class _SamplingRequest(_Request):
@@ -165,6 +205,44 @@ class _SamplingRequest(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0
+    # structured output (one of these at most); response_format is OpenAI's, the rest vLLM's
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured_constraint(self) -> tuple[str, StructuredOutputs] | None:
+        """(the field it is spelled as, the constraint) or None; ``InvalidParam`` naming the field
+        when a second one is set or the first is malformed (not compiled: :meth:`to_sampling_params`)."""
+        found: list[tuple[str, Any]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("response_format", lambda: StructuredOutputs("json_object")))
+        elif rf is not None and rf.type == "json_schema":
+            found.append(("response_format.json_schema.schema",
+                          lambda: StructuredOutputs.json_schema(rf.json_schema.schema_)))
+        so = self.structured_outputs
+        if so is not None:
+            for key in ("json", "regex", "choice", "grammar", "json_object"):
+                value = so.json_ if key == "json" else getattr(so, key)
+                if value is not None and value is not False:
+                    found.append((f"structured_outputs.{key}", _constraint(key, value)))
+        for key in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{key}")
+            if value is not None:
+                found.append((f"guided_{key}", _constraint(key, value)))
+        if not found:
+            return None
+        if len(found) > 1:
+            raise InvalidParam(found[1][0], f"{found[1][0]}: only one structured-output constraint per request, "
+                                            f"and {found[0][0]} is already set")
+        name, build = found[0]
+        try:
+            return name, build()
+        except InvalidParam as e:
+            raise InvalidParam(name, e.renamed(name), e.reason) from None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -197,15 +275,25 @@ class _SamplingRequest(_Request):
 
     def request_field(self, sampling_field: str) -> str:
         """The name this request gives a ``SamplingParams`` field (for the ``param`` of its errors)."""
+        if sampling_field.startswith("structured_outputs."):
+            try:
+                spelled = self.structured_constraint()
+            except InvalidParam:  # the error is about the spelling itself: it names its own field
+                return sampling_field
+            return spelled[0] if spelled is not None else sampling_field
         return {"max_tokens": self.max_tokens_field, "logprobs": self.logprobs_field}.get(sampling_field,
                                                                                         sampling_field)
 
     def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
         """The request's params (``n`` as asked; the router gives each child n = 1 and its own seed).
 
-        Raises ``InvalidParam`` (``SamplingParams``' own checks); its field is ``SamplingParams``'
-        name: :meth:`request_field` gives this request's.
+        Raises ``InvalidParam`` (``SamplingParams``' own checks, and a constraint the grammar engine
+        cannot compile); its field is ``SamplingParams``' name: :meth:`request_field` gives this request's.
         """
+        spelled = self.structured_constraint()
+        structured = spelled[1] if spelled is not None else None
+        if structured is not None:
+            check(structured)
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -224,7 +312,19 @@ class _SamplingRequest(_Request):
             ignore_eos=self.ignore_eos,
             logprobs=self.requested_logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=structured,
         )
+
+
+def _constraint(key: str, value: Any):
+    """A builder of the ``StructuredOutputs`` of one vLLM-spelled constraint."""
+    if key == "json":
+        return lambda: StructuredOutputs.json_schema(value)
+    if key == "json_object":
+        return lambda: StructuredOutputs("json_object")
+    if key == "choice":
+        return lambda: StructuredOutputs("choice", choices=tuple(value))
+    return lambda: StructuredOutputs(key, value)
 
 
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}

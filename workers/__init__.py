@@ -1,7 +1,7 @@
 """Workers: the engine (scheduler, KV cache, model runner) and the offline ``LLM`` API."""
 
 from .engine.outputs import CompletionOutput, RequestOutput
-from .engine.sampling_params import SamplingParams
+from .engine.sampling_params import SamplingParams, StructuredOutputs
 
 
 def __getattr__(name: str):
@@ -13,4 +13,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "CompletionOutput"]

@@ -20,8 +20,9 @@ from .engine.kv_cache_manager import KVCacheManager
 from .engine.output_processor import OutputProcessor
 from .engine.outputs import RequestOutput
 from .engine.request import Request, RequestStatus
-from .engine.sampling_params import SamplingParams
+from .engine.sampling_params import InvalidParam, SamplingParams
 from .engine.scheduler import Scheduler, SchedulerConfig
+from .executor.grammar import GrammarCompiler
 from .executor.model_runner import ModelRunner, RunnerConfig, allocate_kv_caches, kv_bytes_per_block
 from .models.loader import load_model, resolve_model
 from .models.ops import kernel_ops
@@ -89,12 +90,17 @@ class LLMEngine:
             policy=config.scheduling_policy, async_scheduling=self.async_scheduling)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                        record_events=config.kv_events)
+        # Structured output needs the tokenizer's vocabulary, and runs at one rank only for now.
+        self.grammar = None
+        if self.tokenizer is not None and self.tp is None:
+            self.grammar = GrammarCompiler(self.tokenizer.to_json(), mcfg.vocab_size, sorted(self.eos_token_ids),
+                                           max_seqs, pin_memory=device.type == "cuda")
         if self.tp is not None:
             self.tp.init_runners(runner_cfg, num_blocks)
             self.runner = self.tp.runner
         else:
             kv = allocate_kv_caches(self.model, num_blocks, config.block_size, dtype, device)
-            self.runner = ModelRunner(self.model, kv, runner_cfg, device)
+            self.runner = ModelRunner(self.model, kv, runner_cfg, device, grammar=self.grammar)
         self.scheduler = Scheduler(sched_cfg, self.kv_cache)
         self.core = EngineCore(self.scheduler, self.tp or self.runner, async_scheduling=self.async_scheduling)
         self.outputs = OutputProcessor(self.tokenizer)
@@ -172,6 +178,13 @@ class LLMEngine:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         if params.logprobs is not None and params.logprobs > 20:
             raise ValueError(f"logprobs must be <= 20, got {params.logprobs}")
+        if params.structured_outputs is not None:
+            if self.grammar is None:
+                why = "tensor_parallel_size > 1" if self.tp is not None else "the model has no tokenizer"
+                raise InvalidParam(params.structured_outputs.field,
+                                   f"{params.structured_outputs.field}: structured output is not available here "
+                                   f"({why})")
+            self.grammar.compile(params.structured_outputs)  # InvalidParam naming the field; cached for the run
         too_big = self.scheduler.admission_error(len(ids), params.max_tokens)  # would wait forever
         if too_big is not None:
             raise too_big

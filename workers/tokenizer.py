@@ -116,6 +116,10 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return [self._backend.id_to_token(int(i)) for i in ids]
 
+    def to_json(self) -> str:
+        """The ``tokenizers`` serialisation of the vocabulary and pipeline (a grammar engine reads it)."""
+        return self._backend.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 

@@ -5,6 +5,13 @@ ShareGPT-like length mix (log-normal, mean about 215 in / 200 out) from a fixed 
 token ids, so dummy weights of a preset shape are enough. HF ``generate_batch`` runs on the same
 weights on a stated subset (same prompts, one fixed output length for both engines), and the ratio is
 printed beside the device ceilings measured in the same run.
+
+``--json-schema`` (``builtin`` or a schema file) runs the same workload with that JSON-schema
+constraint on every request (grammar-masked sampling), alternating ``--json-schema-pairs`` times with
+the unconstrained run (a shared machine's load drifts: alternation and the best of each side keep it
+out of the ratio), and prints constrained / unconstrained tokens/s. The builtin schema is an array of
+at least 100,000 small objects, so no request's grammar completes before its max_tokens: both sides
+generate the same number of tokens.
 """
 
 from __future__ import annotations
@@ -37,11 +44,29 @@ def workload_b(num_prompts: int, vocab: int, seed: int, mean_in: float = 215, me
             for _ in range(num_prompts)]
 
 
-def run_shoal(llm, workload, temperature: float = 1.0) -> dict:
-    from shoal.workers import SamplingParams
+# Objects with a bounded integer, a bounded string and an enum, repeated past any max_tokens.
+BUILTIN_SCHEMA = {"type": "array", "minItems": 100_000, "items": {
+    "type": "object", "additionalProperties": False, "required": ["id", "name", "kind"],
+    "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99999},
+                   "name": {"type": "string", "maxLength": 16}, "kind": {"enum": ["alpha", "beta", "gamma"]}}}}
+
+
+def load_schema(value: str) -> dict:
+    import json
+
+    if value == "builtin":
+        return BUILTIN_SCHEMA
+    with open(value) as f:
+        return json.load(f)
+
+
+def run_shoal(llm, workload, temperature: float = 1.0, schema: dict | None = None) -> dict:
+    from shoal.workers import SamplingParams, StructuredOutputs
 
     prompts = [p for p, _ in workload]
-    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True) for _, n in workload]
+    structured = StructuredOutputs.json_schema(schema) if schema is not None else None
+    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, structured_outputs=structured)
+              for _, n in workload]
     before = step_profile(llm.engine)
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -53,10 +78,24 @@ def run_shoal(llm, workload, temperature: float = 1.0) -> dict:
     profile["other_s"] = elapsed - profile["schedule_s"] - profile["execute_s"] - profile["update_s"]
     profile.update(overlap_profile(profile, elapsed))
     profile["async_scheduling"] = llm.engine.async_scheduling
-    return {"engine": "shoal", "requests": len(prompts), "input_tokens": in_tokens,
-            "output_tokens": out_tokens, "seconds": elapsed, "output_tok_per_s": out_tokens / elapsed,
+    return {"engine": "shoal" if schema is None else "shoal, JSON schema", "requests": len(prompts),
+            "input_tokens": in_tokens, "output_tokens": out_tokens, "seconds": elapsed,
+            "output_tok_per_s": out_tokens / elapsed,
             "total_tok_per_s": (in_tokens + out_tokens) / elapsed, "req_per_s": len(prompts) / elapsed,
             "profile": profile}
+
+
+def compare_json_schema(llm, work, schema: dict, pairs: int) -> dict:
+    """Alternating unconstrained and constrained runs of ``work``; the ratio of the best of each."""
+    run_shoal(llm, work[:4], schema=schema)  # warm up: the grammar compiled and cached
+    runs = []
+    for i in range(pairs):
+        for constrained in (None, schema):
+            runs.append({"run": f"pair {i + 1}", **run_shoal(llm, work, schema=constrained)})
+    free = max((r for r in runs if r["engine"] == "shoal"), key=lambda r: r["output_tok_per_s"])
+    best = max((r for r in runs if r["engine"] != "shoal"), key=lambda r: r["output_tok_per_s"])
+    return {"json_schema": schema, "json_schema_runs": runs, "json_schema_best": best,
+            "constrained_vs_unconstrained": best["output_tok_per_s"] / free["output_tok_per_s"]}
 
 
 def profile_kernels(llm, workload, top: int = 25) -> list[dict]:
@@ -147,6 +186,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--workload", choices=["a", "b"], default="a")
     p.add_argument("--num-prompts", type=int, default=None, help="default: 256 for (a), 1000 for (b)")
+    p.add_argument("--input-len", type=int, default=None, help="every prompt this long (random ids)")
+    p.add_argument("--output-len", type=int, default=None, help="every request generates this many tokens")
+    p.add_argument("--json-schema", default=None, metavar="builtin|PATH",
+                   help="also run the workload with this JSON-schema constraint on every request "
+                        "(needs a model with a tokenizer)")
+    p.add_argument("--json-schema-pairs", type=int, default=3,
+                   help="unconstrained / constrained runs, alternating, with --json-schema")
     p.add_argument("--hf-subset", type=int, default=64, help="prompts HF runs (0: skip HF)")
     p.add_argument("--hf-output-len", type=int, default=128, help="fixed output length of the HF comparison")
     p.add_argument("--profile-kernels", type=int, default=0, metavar="N",
@@ -178,10 +224,16 @@ def run_from_args(args: argparse.Namespace) -> dict:
     vocab = llm.engine.model_config.vocab_size
     make = workload_a if args.workload == "a" else workload_b
     work = make(n, vocab, args.seed)
+    if args.input_len or args.output_len:
+        rng = random.Random(args.seed)
+        work = [([rng.randrange(vocab) for _ in range(args.input_len)] if args.input_len else p,
+                 args.output_len or o) for p, o in work]
     payload["mean_input_len"] = sum(len(p) for p, _ in work) / n
     payload["mean_output_len"] = sum(o for _, o in work) / n
     run_shoal(llm, work[: min(16, n)])  # warm up: kernels compiled, graphs and allocator settled
     rows = [{"run": f"full ({n} prompts)", **run_shoal(llm, work)}]
+    if args.json_schema:
+        payload.update(compare_json_schema(llm, work, load_schema(args.json_schema), args.json_schema_pairs))
     if args.profile_kernels:
         payload["kernel_profile"] = profile_kernels(llm, work[: args.profile_kernels])
     if args.hf_subset > 0:
@@ -207,8 +259,14 @@ def run_from_args(args: argparse.Namespace) -> dict:
     payload["results"] = rows
     cols = ["run", "engine", "requests", "input_tokens", "output_tokens", "seconds",
             "output_tok_per_s", "req_per_s"]
-    print(format_table(rows, cols, title=f"throughput, workload ({args.workload}), {args.model}"))
+    table = rows[:1] + payload.get("json_schema_runs", []) + rows[1:]
+    print(format_table(table, cols, title=f"throughput, workload ({args.workload}), {args.model}"))
     print(format_profile(rows[0]["profile"], rows[0]["seconds"]))
+    if args.json_schema:
+        best = payload["json_schema_best"]
+        print(format_profile(best["profile"], best["seconds"]))
+        print(f"JSON schema / unconstrained output tok/s (best of {args.json_schema_pairs} each): "
+              f"{payload['constrained_vs_unconstrained']:.3f}")
     for k, v in payload.get("ceilings", {}).items():
         print(f"{k}: {v:,.1f}")
     if "speedup_vs_hf" in payload:

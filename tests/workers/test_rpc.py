@@ -20,7 +20,7 @@ from shoal.router.worker_client import GrpcWorkerClient, WorkerUnavailable
 from shoal.workers import LLM
 from shoal.workers.async_engine import AsyncEngine
 from shoal.workers.config import EngineConfig
-from shoal.workers.engine.sampling_params import SamplingParams
+from shoal.workers.engine.sampling_params import SamplingParams, StructuredOutputs
 from shoal.workers.llm_engine import LLMEngine
 from shoal.workers.protocol import (
     GenerateRequest, KVEventBatch, KVHandle, TokenDelta, TokenLogprob, WorkerInfo, WorkerLoad, block_hashes,
@@ -106,6 +106,10 @@ ROUND_TRIP = [
                    stop=("\n\n", "END"), stop_token_ids=(2, 7), include_stop_str_in_output=True, ignore_eos=True,
                    logprobs=0, skip_special_tokens=False),
     SamplingParams(seed=0, max_tokens=1, logprobs=20),  # zeros are values, not absent fields
+    SamplingParams(structured_outputs=StructuredOutputs.json_schema({"type": "object", "required": ["a"]})),
+    SamplingParams(structured_outputs=StructuredOutputs("json_object")),
+    SamplingParams(structured_outputs=StructuredOutputs("choice", choices=("a", "b c"))),
+    SamplingParams(structured_outputs=StructuredOutputs("grammar", 'root ::= "x"')),
     GenerateRequest("r1", (1, 2, 3), SamplingParams(temperature=0)),
     GenerateRequest("r2", (5,), SamplingParams(), priority=-3,
                     kv_source=KVHandle("r2", "prefill-0", (4, 9, 2**40), 17, "10.0.0.1:5555",

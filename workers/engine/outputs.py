@@ -62,6 +62,8 @@ class ModelRunnerOutput:
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # structured output: requests whose grammar this token completed (nothing more may follow)
+    grammar_finished: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

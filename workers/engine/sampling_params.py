@@ -5,21 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .invalid_param import InvalidParam
+from .structured_outputs import StructuredOutputs
 
-class InvalidParam(ValueError):
-    """A bad value of one named field; ``field`` carries its name as data (an API answers 400 with
-    ``param = field`` without parsing the message). ``reason``, when given, is the message without the
-    name ("must be >= 1, got 0"), for a caller that spells the field its own way."""
-
-    def __init__(self, field: str, message: str, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.field, self.reason = field, reason
-
-    def renamed(self, name: str) -> str:
-        """The message, naming the field ``name``."""
-        if name == self.field or self.reason is None:
-            return str(self)
-        return f"{name} {self.reason}"
+__all__ = ["InvalidParam", "SamplingParams", "StructuredOutputs"]
 
 
 def _check(ok: bool, name: str, limit: str, value: object) -> None:
@@ -55,6 +44,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # The output must match this constraint (grammar-masked sampling); None = unconstrained. A
+    # finished grammar ends the request (finish_reason "stop"), with or without ignore_eos.
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         # Accept lists / a single string for convenience; store tuples so the object stays hashable.
@@ -78,6 +70,8 @@ class SamplingParams:
                    self.min_tokens)
         _check(self.logprobs is None or self.logprobs >= 0, "logprobs", ">= 0", self.logprobs)
         _check(all(s for s in self.stop), "stop", "a list of non-empty strings", self.stop)
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
+               "structured_outputs", "a StructuredOutputs or None", self.structured_outputs)
 
     @property
     def greedy(self) -> bool:

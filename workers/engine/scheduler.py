@@ -258,6 +258,9 @@ class Scheduler:
         was = request.status
         request.append_output_token(token)
         self._check_stop(request, token)
+        if rid in result.grammar_finished and request.status is not RequestStatus.FINISHED_STOPPED:
+            # The grammar is complete: nothing may follow. A stop, even on the last token max_tokens allows.
+            request.status = RequestStatus.FINISHED_STOPPED
         lp = result.logprobs.get(rid)
         done = request.status.finished
         if done:

@@ -10,7 +10,8 @@ sampled ids back.
 collects step N: a decode token whose id the host does not have yet (step N sampled it) is gathered on
 the device from step N's sampled-id tensor into N+1's input ids (``InputBuffers.gather_ids``), so
 nothing waits for the GPU between the two. Only a row whose sampler reads its output ids on the host
-(penalties, min_tokens) makes the runner collect step N first.
+(penalties, min_tokens, a grammar: its mask needs the previous token consumed) makes the runner
+collect step N first, so steps with constrained rows run without overlap.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from shoal.workers.engine.sampling_params import SamplingParams
 from shoal.workers.models.llama import KVCache, LlamaForCausalLM
 
 from .cuda_graphs import DecodeGraphs, default_capture_sizes
+from .grammar import GrammarCompiler, SequenceGrammar
 from .input_buffers import InputBuffers, StepInputs
 from .pending_step import PendingStep
 from .sampler import Sampler, SamplingRow, make_generator
@@ -40,7 +42,8 @@ class CachedRequestState:
     num_computed_tokens: int
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None = None
-    needs_history: bool = False  # its sampler reads the output ids on the host (penalties, min_tokens)
+    needs_history: bool = False  # its sampler reads the output ids on the host (penalties, min_tokens, grammar)
+    grammar: SequenceGrammar | None = None  # structured output: its place in its grammar
     num_pending: int = 0  # tokens sampled by submitted steps, not collected yet
     pending_row: int = -1  # its row in the last submitted step's sampled ids
     pending_step: int = -1  # which submission sampled it last
@@ -115,8 +118,9 @@ def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dt
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[KVCache], config: RunnerConfig,
-                 device: torch.device, sampler: Sampler | None = None):
+                 device: torch.device, sampler: Sampler | None = None, grammar: GrammarCompiler | None = None):
         self.model = model
+        self.grammar = grammar  # None: requests with structured_outputs are refused
         self.kv_caches = kv_caches
         self.config = config
         self.block_size = config.block_size
@@ -167,7 +171,8 @@ class ModelRunner:
         mid = self._gpu_event(events)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab]
         rows = [state.sampling_row() for state in states]
-        ids_dev = self.sampler.sample_ids(logits, rows)  # [num_sampling]
+        mask = self.grammar.fill([s.grammar for s in states], self.device) if self.grammar is not None else None
+        ids_dev = self.sampler.sample_ids(logits, rows, mask)  # [num_sampling]
         ids_host = self._ids_host[self._submitted % 2][:len(rows)]
         ids_host.copy_(ids_dev, non_blocking=self.device.type == "cuda")
         wanted = any(r.params.logprobs is not None for r in rows)
@@ -203,16 +208,20 @@ class ModelRunner:
             t.gpu_s += s.elapsed_time(e) / 1e3
             t.gpu_forward_s += s.elapsed_time(m) / 1e3
             t.gpu_sample_s += m.elapsed_time(e) / 1e3
-        sampled, logprobs = {}, {}
+        sampled, logprobs, grammar_done = {}, {}, []
         for i, state in enumerate(pending.states):
             state.num_pending -= 1
             rid = state.request_id
             if self.requests.get(rid) is state:  # not dropped (finished, preempted) since it was submitted
                 state.token_ids.append(token_ids[i])
+                if state.grammar is not None:
+                    state.grammar.accept(token_ids[i])
+                    if state.grammar.finished:
+                        grammar_done.append(rid)
             sampled[rid] = token_ids[i]
             if lps is not None and lps[i] is not None:
                 logprobs[rid] = lps[i]
-        return ModelRunnerOutput(sampled, logprobs)
+        return ModelRunnerOutput(sampled, logprobs, frozenset(grammar_done))
 
     def _collect_for_history(self, sched: SchedulerOutput) -> None:
         """A row whose sampler reads its output ids on the host needs last step's token there now."""
@@ -255,16 +264,27 @@ class ModelRunner:
             if p.seed is not None and new.request_id not in self._generators:
                 self._generators[new.request_id] = make_generator(p.seed, self.device)
             penalties = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            grammar = self._start_grammar(p, new.token_ids[new.num_prompt_tokens:])
             self.requests[new.request_id] = CachedRequestState(
                 request_id=new.request_id, token_ids=list(new.token_ids),
                 num_prompt_tokens=new.num_prompt_tokens, params=p, block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens, eos_token_ids=new.eos_token_ids,
                 generator=self._generators.get(new.request_id),
-                needs_history=penalties or p.min_tokens > 0, table_row=tables.open(new.request_id))
+                needs_history=penalties or p.min_tokens > 0 or grammar is not None, grammar=grammar,
+                table_row=tables.open(new.request_id))
         for cached in sched.cached_requests:
             state = self.requests[cached.request_id]
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+
+    def _start_grammar(self, p: SamplingParams, output_token_ids) -> SequenceGrammar | None:
+        """A constrained request's grammar state, rebuilt over what it generated before (a request
+        resumed after preemption comes back as new, with its tokens)."""
+        if p.structured_outputs is None:
+            return None
+        if self.grammar is None:
+            raise ValueError("structured_outputs: this model runner has no grammar compiler (no tokenizer)")
+        return self.grammar.start(p.structured_outputs, output_token_ids)
 
     def _prepare_inputs(self, sched: SchedulerOutput
                         ) -> tuple[StepInputs, list[CachedRequestState], int | None]:

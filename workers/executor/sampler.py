@@ -9,6 +9,7 @@ Order of the logit transforms (vLLM v1 / OpenAI semantics):
    once per token present in the output);
 3. ``min_tokens``: stop ids, and eos ids unless ``ignore_eos``, are set to ``-inf`` while the output
    is shorter than ``min_tokens`` (``ignore_eos`` only means "do not stop at eos": it never masks);
+   then the grammar mask of constrained rows (structured output) sets every token it forbids to ``-inf``;
 4. greedy rows (``temperature == 0``) take the argmax here and never consume randomness;
 5. temperature → min_p → top_k → top_p → a draw by the exponential race
    ``argmax(probs / E)``, ``E ~ Exp(1)`` i.i.d. per token, which picks token ``i`` with
@@ -30,6 +31,8 @@ import torch
 
 from shoal.workers.engine.outputs import TokenLogprobs
 from shoal.workers.engine.sampling_params import SamplingParams
+
+from .grammar import TokenMask
 
 _NEG_INF = float("-inf")
 
@@ -153,6 +156,16 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
     return logits
 
 
+def apply_token_mask(logits: torch.Tensor, mask: TokenMask) -> torch.Tensor:
+    """In place: ``-inf`` on the tokens a constrained row's grammar forbids (other rows untouched)."""
+    # logits: [B, V]; mask.rows: [C]; mask.bitmask: [C, W] int32, W * 32 >= V
+    vocab = logits.shape[1]
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((mask.bitmask.unsqueeze(-1) >> bits) & 1).view(mask.bitmask.shape[0], -1)[:, :vocab]  # [C, V]
+    sub = logits.index_select(0, mask.rows).masked_fill_(allowed == 0, _NEG_INF)
+    return logits.index_copy_(0, mask.rows, sub)
+
+
 def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
     """In place: drop tokens whose prob < ``min_p * max prob`` (min_p = 0 drops nothing)."""
     # logits: [B, V], min_p: B values in [0, 1]
@@ -228,13 +241,17 @@ class Sampler:
         ids = token_ids.tolist()
         return SamplerOutput(ids, self.logprobs(logits, rows, token_ids))
 
-    def sample_ids(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    def sample_ids(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                   mask: TokenMask | None = None) -> torch.Tensor:
         """The sampled ids as a device tensor [B], queued without waiting for the GPU (the model
-        runner copies them back itself, so it can tell the wait for the GPU from sampling)."""
+        runner copies them back itself, so it can tell the wait for the GPU from sampling). ``mask``:
+        the grammar's allowed tokens for the constrained rows."""
         if not rows:
             return torch.empty(0, dtype=torch.int64, device=logits.device)
         x = apply_penalties(logits, rows)  # float32 copy
         apply_min_tokens(x, rows)
+        if mask is not None:
+            apply_token_mask(x, mask)
         greedy = [r.params.greedy for r in rows]
         token_ids = x.argmax(dim=-1) if any(greedy) else None  # [B]
         if not all(greedy):

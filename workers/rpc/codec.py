@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Callable
 
-from shoal.workers.engine.sampling_params import SamplingParams
+from shoal.workers.engine.sampling_params import SamplingParams, StructuredOutputs
 from shoal.workers.protocol import (
     GenerateRequest, KVEventBatch, KVHandle, TokenDelta, TokenLogprob, WorkerInfo, WorkerLoad,
 )
@@ -48,11 +48,18 @@ def sampling_params_to_pb(p: SamplingParams) -> pb.SamplingParams:
                             **{name: getattr(p, name) for name in _SAMPLING_SCALARS})
     for name in _SAMPLING_OPTIONAL:
         _set_opt(msg, name, getattr(p, name))
+    so = p.structured_outputs
+    if so is not None:
+        msg.structured_outputs.CopyFrom(pb.StructuredOutputs(kind=so.kind, value=so.value, choices=so.choices))
     return msg
 
 
 def sampling_params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
-    return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
+    so = None
+    if msg.HasField("structured_outputs"):
+        m = msg.structured_outputs
+        so = StructuredOutputs(m.kind, m.value, tuple(m.choices))
+    return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), structured_outputs=so,
                           **{name: getattr(msg, name) for name in _SAMPLING_SCALARS},
                           **{name: _opt(msg, name) for name in _SAMPLING_OPTIONAL})
 
