@@ -8,7 +8,10 @@
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT/r" /tmp/site/shoal
-# .whl/ holds what the image lacks (bash ../shared/device/make-wheels.sh: gguf, and for `serve` fastapi,
+# .whl/ holds what the image lacks: llguidance (structured output; the model runner imports it; its wheel
+# is manylinux_2_31, outside make-wheels' platforms: `pip download --no-deps --only-binary=:all:
+# --python-version 3.12 -d .whl llguidance==1.9.1`), and from bash ../shared/device/make-wheels.sh gguf,
+# and for `serve` fastapi,
 # uvicorn, pydantic, grpcio 1.85.3, ...).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 for d in cluster kernels router workers; do ln -sfn "$PWD/$d" /tmp/site/shoal/$d; done
