@@ -25,9 +25,16 @@ if TYPE_CHECKING:
 DONE = "data: [DONE]\n\n"
 
 
+# Characters that str.splitlines() (and so httpx's iter_lines, and many SSE readers) take for a line
+# break although SSE ends lines only at CR and LF. JSON keeps them raw inside strings; a generated
+# token holding one (random or multilingual text) would cut its event in two for such a client.
+# Escaped as \uXXXX they parse back to the same string.
+_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 def sse(payload: BaseModel | dict) -> str:
     data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"data: {data}\n\n"
+    return f"data: {data.translate(_LINE_BREAKS)}\n\n"
 
 
 async def stream_events(gen: Generation, builder: ResponseBuilder, first: Event | None, include_usage: bool,

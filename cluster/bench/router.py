@@ -50,6 +50,7 @@ from shoal.workers.models.presets import PRESETS
 from shoal.workers.protocol import GenerateRequest, TokenDelta
 
 from .report import environment, format_table, write_json
+from .sse import sse_lines
 
 # A 2-layer Llama with SmolLM2's vocabulary: the real tokenizer applies, a decode step takes milliseconds.
 TINY_CONFIG = PRESETS["tiny-smollm2-vocab"]
@@ -284,7 +285,7 @@ async def run_httpx_request(client, prompt: str, max_tokens: int) -> dict:
                              extensions={"trace": trace}) as r:
         if r.status_code != 200:
             raise RuntimeError(f"router answered {r.status_code}: {(await r.aread()).decode()[:300]}")
-        async for line in r.aiter_lines():
+        async for line in sse_lines(r):
             if line.startswith("data: ") and line != "data: [DONE]":
                 received.append(CLOCK())
                 lines.append(line)

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from .datasets import DATASETS, DatasetConfig, Session, Turn, build_sessions, ids_to_text
+from .sse import sse_lines
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 SLO_KEYS = ("ttft", "tpot", "e2el")
@@ -154,7 +155,7 @@ async def send_request(client: httpx.AsyncClient, cfg: BenchConfig, body: dict, 
             if resp.status_code != 200:
                 result.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:500]}"
                 return result
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 if not line.startswith("data:"):
                     continue  # blank separators, ": keep-alive" comments, "event:" lines
                 data = line[5:].strip()

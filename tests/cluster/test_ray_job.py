@@ -114,7 +114,9 @@ def test_job_submit_launch_serve_status_stop(ray_head, etcd, tmp_path, smollm2_p
     deadline = time.monotonic() + 120
     while True:
         try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+            # The router's own readiness: /ready is 200 once a worker it follows is healthy
+            # (/v1/models answers before that, and a request then would get 503).
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
