@@ -268,12 +268,7 @@ class Controller:
                         bundle_of(self.spec.pools[replica.role], self.extra), ray.available_resources())
             self._ask_for_nodes()
             await replica.pg.ready()
-        try:
-            await self._start_actor(replica)
-        except Exception as e:  # noqa: BLE001 - kill it; the next check finds it dead and restarts it
-            log.error("%s: starting %s failed: %s", self.spec.name, replica.worker_id, e)
-            if replica.actor is not None:
-                ray.kill(replica.actor, no_restart=True)
+        await self._start_or_kill(replica, "starting")
 
     def _ask_for_nodes(self) -> None:
         """Ask for room for every counted replica of the deployment (the request replaces the last one)."""
@@ -385,10 +380,15 @@ class Controller:
                         self.spec.name, old, self._clock() - silent, replica.worker_id)
         else:
             log.warning("%s: worker %s died; starting %s", self.spec.name, old, replica.worker_id)
+        await self._start_or_kill(replica, "restarting")
+
+    async def _start_or_kill(self, replica: Replica, what: str) -> None:
+        """Start the replica's actor; one that fails is killed, and the next check finds it dead and
+        restarts it."""
         try:
             await self._start_actor(replica)
-        except Exception as e:  # noqa: BLE001 - kill it; the next check finds it dead and tries again
-            log.error("%s: restarting %s failed: %s", self.spec.name, replica.worker_id, e)
+        except Exception as e:  # noqa: BLE001 - any start failure ends the same way
+            log.error("%s: %s %s failed: %s", self.spec.name, what, replica.worker_id, e)
             if replica.actor is not None:
                 ray.kill(replica.actor, no_restart=True)
 

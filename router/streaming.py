@@ -28,7 +28,7 @@ DONE = "data: [DONE]\n\n"
 # Characters that str.splitlines() (and so httpx's iter_lines, and many SSE readers) take for a line
 # break although SSE ends lines only at CR and LF. JSON keeps them raw inside strings; a generated
 # token holding one (random or multilingual text) would cut its event in two for such a client.
-# Escaped as \uXXXX they parse back to the same string.
+# Written as JSON \u escapes they parse back to the same string.
 _LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
