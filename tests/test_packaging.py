@@ -32,3 +32,17 @@ def test_console_script_runs():
 def test_router_side_modules_do_not_import_torch():
     code = "import sys, shoal.workers.protocol, shoal.workers; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_repo_root_is_not_importable_as_top_level_packages():
+    # The import package is `shoal`; the repo's own folders must not also import as `kernels`,
+    # `router`, ... Hugging Face ships a `kernels` package that transformers imports when it can find
+    # one, so a repo root on sys.path (`python -m pytest` from it) breaks every transformers import.
+    import importlib.util
+
+    for name in sorted(TOP_LEVEL):
+        spec = importlib.util.find_spec(name)
+        assert spec is None or not str(spec.origin or "").startswith(str(ROOT)), (
+            f"{name!r} imports from the repo root ({spec.origin}); run the suite with the pytest "
+            "console script (make test), not python -m pytest"
+        )

@@ -34,11 +34,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 
 for s in "$@"; do
   case $s in
     tests)
-      step kernels-compiled 240 python3 -m pytest -q -p no:cacheprovider tests/kernels
-      step kernels-interpret 300 env SHOAL_KERNEL_TESTS=interpret python3 -m pytest -q -p no:cacheprovider tests/kernels
-      step gpu-tests 240 python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
+      step kernels-compiled 240 python3 -P -m pytest -q -p no:cacheprovider tests/kernels
+      step kernels-interpret 300 env SHOAL_KERNEL_TESTS=interpret python3 -P -m pytest -q -p no:cacheprovider tests/kernels
+      step gpu-tests 240 python3 -P -m pytest -q -p no:cacheprovider tests/gpu ;;
     gputests)
-      step gpu-tests 240 python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
+      step gpu-tests 240 python3 -P -m pytest -q -p no:cacheprovider tests/gpu ;;
     base)
       step a 200 shoal bench throughput --workload a --hf-subset 0 --result-file "$OUT/r/a.json"
       step b 240 shoal bench throughput --workload b --model llama-3.1-8b --hf-subset 0 --result-file "$OUT/r/b.json" ;;
