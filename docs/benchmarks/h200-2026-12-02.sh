@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of 2026-12-02 (issue 15), on the device machine, from the repo root:
 #   bash docs/benchmarks/h200-2026-12-02.sh STEP...     (results under $OUT, tarred into $OUT/results.tgz)
-# STEP: tests | gputests | base | async | limits | profile | profile-b | latency | serve  (each writes its logs and JSON as it finishes).
+# STEP: tests | gputests | base | a-repeat | async | limits | profile | profile-b | latency | serve  (each writes its logs and JSON as it finishes).
 # serve: `shoal serve` on the 8B shape (dummy weights, Llama 3's tokenizer from tests/data) and
 # `shoal bench serve` with exactly the dataset/config blocks of ../shared/peer/h200-2026-12-02/shoal_serve_c*.json.
 # shoal itself runs from this checkout. SERVE_FLAGS: extra `shoal serve` flags (e.g. --async-scheduling).
@@ -42,6 +42,10 @@ for s in "$@"; do
     base)
       step a 200 shoal bench throughput --workload a --hf-subset 0 --result-file "$OUT/r/a.json"
       step b 240 shoal bench throughput --workload b --model llama-3.1-8b --hf-subset 0 --result-file "$OUT/r/b.json" ;;
+    a-repeat)  # (a) three times in one lease: its spread between leases was 41-50k tok/s
+      for i in 1 2 3; do
+        step a-$i 200 shoal bench throughput --workload a --hf-subset 0 --result-file "$OUT/r/a-$i.json"
+      done ;;
     async)  # base + latency with async scheduling on (opt-in until measured): the A/B of issue 15's first lever
       step a-async 200 shoal bench throughput --workload a --hf-subset 0 --async-scheduling --result-file "$OUT/r/a-async.json"
       step b-async 240 shoal bench throughput --workload b --model llama-3.1-8b --hf-subset 0 --async-scheduling --result-file "$OUT/r/b-async.json"
