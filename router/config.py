@@ -39,6 +39,10 @@ class RouterConfig:
     request_timeout_s: float = option(
         600.0, "seconds from arrival to the last token; past it the request is aborted on its worker "
                "(504 / error event)", exclusive_minimum=0)
+    max_open_per_worker: int = option(
+        0, "requests a worker may have open before the router holds new ones (up to queue_timeout_s, then "
+           "503) for the first worker with room: a burst waits for the replicas it scales up instead of "
+           "stretching the running requests' ITL; 0: no limit", minimum=0)
     cold_start_wait_s: float = option(0.0, "seconds a request that finds no healthy worker is held for one "
                                       "to start (a pool scaled to zero); 0: answer 503 at once", minimum=0)
     retry_after_s: int = option(1, "the Retry-After header of 429 and 503 answers", minimum=0)

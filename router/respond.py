@@ -43,6 +43,10 @@ async def respond(request: Request, ctx: RouterContext, gen: Generation, builder
     close = _Once(gen.finish, ctx.admission.release, lambda: ctx.untrack(gen))
     handed_over = False  # to the SSE response, which then closes
     try:
+        if not await unless_disconnected(request, ctx.room.wait()):
+            raise ctx.unavailable(f"every worker has max_open_per_worker ({ctx.config.max_open_per_worker}) "
+                                  f"requests open; none had room within queue_timeout_s "
+                                  f"({ctx.config.queue_timeout_s:g} s)", code="workers_full")
         gen.start()
         if not stream:
             return await unless_disconnected(request, _collect(gen, builder))

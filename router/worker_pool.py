@@ -128,7 +128,7 @@ class WorkerState:
 class WorkerPool:
     def __init__(self, policy: PlacementPolicy, *, poll_interval_s: float = 1.0,
                  health_timeout_s: float = 5.0, kv_retry_s: float = 0.2, kv_retry_max_s: float = 10.0,
-                 unhealthy_after_misses: int = 3,
+                 unhealthy_after_misses: int = 3, max_open_per_worker: int = 0,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         if poll_interval_s <= 0:
@@ -139,7 +139,10 @@ class WorkerPool:
             raise ValueError(f"unhealthy_after_misses must be >= 1, got {unhealthy_after_misses}")
         if not 0 < kv_retry_s <= kv_retry_max_s:
             raise ValueError(f"kv_retry_s must be in (0, kv_retry_max_s={kv_retry_max_s}], got {kv_retry_s}")
+        if max_open_per_worker < 0:
+            raise ValueError(f"max_open_per_worker must be >= 0, got {max_open_per_worker}")
         self.policy = policy
+        self.max_open_per_worker = max_open_per_worker
         self.poll_interval_s = poll_interval_s
         self.health_timeout_s = health_timeout_s
         self.unhealthy_after_misses = unhealthy_after_misses
@@ -370,11 +373,25 @@ class WorkerPool:
                 for s in self._workers.values() if s.generates]
 
     def rank(self, request: PlacementRequest) -> list[str]:
-        """Healthy Generate-serving worker ids, best first, by the policy."""
+        """Healthy Generate-serving worker ids, best first, by the policy (with ``max_open_per_worker``,
+        the workers below it first, each group in the policy's order)."""
         healthy = {s.worker_id for s in self._workers.values() if s.healthy and s.generates}
         if not healthy:
             return []
-        return [w for w in self.policy.choose(request, self.views()) if w in healthy]
+        ranked = [w for w in self.policy.choose(request, self.views()) if w in healthy]
+        if self.max_open_per_worker:
+            full = {s.worker_id for s in self._workers.values() if not self._below_limit(s)}
+            ranked.sort(key=lambda w: w in full)  # stable: the policy's order within each group
+        return ranked
+
+    def has_room(self) -> bool:
+        """Some healthy Generate-serving worker is below ``max_open_per_worker`` (always, without one)."""
+        return any(s.healthy and s.generates and self._below_limit(s) for s in self._workers.values())
+
+    def _below_limit(self, state: WorkerState) -> bool:
+        limit = self.max_open_per_worker
+        load = state.load
+        return not limit or max(state.in_flight, load.num_running + load.num_waiting) < limit
 
     def prefill_views(self) -> list[PrefillView]:
         """Every prefill-role worker that has ever answered, with this router's queued tokens there
@@ -473,6 +490,7 @@ def make_pool(config: RouterConfig, **pool_options) -> WorkerPool:
     policy = make_policy(config.placement, **config.placement_options)
     pool_options.setdefault("poll_interval_s", config.health_interval_s)
     pool_options.setdefault("health_timeout_s", config.health_timeout_s)
+    pool_options.setdefault("max_open_per_worker", config.max_open_per_worker)
     return WorkerPool(policy, **pool_options)
 
 

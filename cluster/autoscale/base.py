@@ -31,6 +31,7 @@ class PoolObservation:
     kv_usage: float = 0.0  # mean fraction of KV blocks in use
     tokens_per_s: float = 0.0  # tokens the pool computes per second (prefill + decode)
     arrival_rate: float = 0.0  # requests/s routed to this pool, over the router's short window
+    recent_arrival_rate: float | None = None  # the same since the previous observation alone; None: not measured
     mean_prompt_len: float = 0.0  # of those requests
     mean_output_len: float = 0.0
     max_queue_time_s: float = 0.0  # the longest current wait in a queue

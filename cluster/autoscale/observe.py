@@ -5,7 +5,7 @@ newest sample's; rates are differences of the counters over the last ``window_s`
 
 * arrivals = finished + the change in requests present (running + waiting), per worker: a request
   that arrived either finished or is still there, so this counts each arrival once, without the
-  router's help;
+  router's help; ``recent_arrival_rate`` is the same between the last two samples alone;
 * the request mix is the finished requests' mean prompt and output lengths;
 * tokens/s is the prompt and generated tokens computed;
 * the longest queue time is the newest sample's oldest waiting request, over all workers.
@@ -54,11 +54,15 @@ class LoadWindow:
                 continue
             old_load, old = base
             finished += totals.num_finished - old.num_finished
-            arrived += (totals.num_finished - old.num_finished
-                        + (load.num_running + load.num_waiting) - (old_load.num_running + old_load.num_waiting))
+            arrived += arrivals_between(base, (load, totals))
             prompt += totals.prompt_tokens - old.prompt_tokens
             output += totals.output_tokens - old.output_tokens
             computed += totals.computed_tokens - old.computed_tokens
+        recent = 0.0
+        if len(self.samples) >= 2:
+            t_prev, previous = self.samples[-2]
+            count = sum(arrivals_between(previous[wid], now_) for wid, now_ in newest.items() if wid in previous)
+            recent = max(0, count) / (t_new - t_prev) if t_new > t_prev else 0.0
         loads = [load for load, _ in newest.values()]
         oldest = max((totals.oldest_wait_s for _, totals in newest.values()), default=0.0)
         return PoolObservation(
@@ -66,6 +70,13 @@ class LoadWindow:
             num_running=sum(x.num_running for x in loads), num_waiting=sum(x.num_waiting for x in loads),
             kv_usage=sum(x.kv_usage for x in loads) / len(loads) if loads else 0.0,
             tokens_per_s=computed / span if span > 0 else 0.0,
-            arrival_rate=max(0, arrived) / span if span > 0 else 0.0,
+            arrival_rate=max(0, arrived) / span if span > 0 else 0.0, recent_arrival_rate=recent,
             mean_prompt_len=prompt / finished if finished > 0 else 0.0,
             mean_output_len=output / finished if finished > 0 else 0.0, max_queue_time_s=oldest)
+
+
+def arrivals_between(old: tuple[WorkerLoad, WorkerTotals], new: tuple[WorkerLoad, WorkerTotals]) -> int:
+    """Requests that reached one worker between two of its reports: finished + the change in present."""
+    (old_load, old_totals), (load, totals) = old, new
+    return (totals.num_finished - old_totals.num_finished
+            + (load.num_running + load.num_waiting) - (old_load.num_running + old_load.num_waiting))

@@ -8,7 +8,7 @@ same requests; the table and ``--result-file`` JSON have one entry per trace and
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from .report import format_table, write_json
 
@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=3600.0, help="trace length, s (default: %(default)s)")
     p.add_argument("--cold-start", type=float, default=None, help="replica cold start, s (default: the profile's)")
     p.add_argument("--interval", type=float, default=5.0, help="control loop period, s (default: %(default)s)")
+    p.add_argument("--max-open-per-worker", type=int, default=None,
+                   help="the router holds a request while every replica has this many open; 0: no limit "
+                        "(default: the batch the capacity model allows inside the SLO)")
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -44,13 +47,14 @@ def run_from_args(args: argparse.Namespace) -> dict:
     from shoal.cluster.autoscale.sim.experiment import Experiment, run_grid
     from shoal.cluster.autoscale.sim.simulator import SimConfig
     from shoal.cluster.autoscale.sim.traces import TRACES
+    from shoal.cluster.autoscale.slo import SloConfig
 
     from .report import environment
 
     profile = Profile.load(args.profile)
     exp = Experiment(profile, ttft_s=args.ttft_slo, itl_s=args.itl_slo, peak_replicas=args.peak_replicas,
                      duration_s=args.duration, input_len=args.input_len, output_len=args.output_len, seed=args.seed,
-                     sim=replace(SimConfig(), interval_s=args.interval, cold_start_s=args.cold_start))
+                     max_open_per_worker=args.max_open_per_worker, sim=replace(SimConfig(), interval_s=args.interval, cold_start_s=args.cold_start))
     traces = [args.trace] if args.trace else list(TRACES)
     runs, rows = run_grid(exp, traces, [p for p in args.policies.split(",") if p])
     cold = profile.cold_start_s if args.cold_start is None else args.cold_start
@@ -68,7 +72,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
                             "utilization": exp.utilization, "peak_replicas": args.peak_replicas,
                             "duration_s": args.duration, "cold_start_s": cold, "interval_s": args.interval,
                             "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed,
-                            "rate_per_replica": exp.rate_per_replica()},
+                            "rate_per_replica": exp.rate_per_replica(), "max_open_per_worker": exp.open_limit(),
+                            "slo_policy": asdict(SloConfig(**exp.slo_options))},
                "traces": {n: {"peak_rate": t.peak_rate, "mean_rate": t.mean_rate, "requests": len(t.requests)}
                           for n, (t, _) in runs.items()},
                "plots": plots, "results": rows}

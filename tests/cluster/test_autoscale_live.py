@@ -153,6 +153,7 @@ def test_the_load_window_derives_arrivals_and_mix_from_worker_counters():
                      "w1": (load(1, kv=0.1), WorkerTotals(0, 0, 0, 20, oldest_wait_s=0.5))})
     obs = window.observation("unified", 4.0, ready=2, starting=1)
     assert obs.arrival_rate == pytest.approx((8 + 3) / 4)  # finished + the change in requests present
+    assert obs.recent_arrival_rate == pytest.approx((8 + 3) / 4)  # w1 joined: no interval of its own yet
     assert (obs.mean_prompt_len, obs.mean_output_len) == (50, 10)
     assert obs.tokens_per_s == pytest.approx(600 / 4)
     assert (obs.num_running, obs.num_waiting, obs.kv_usage) == (4, 2, pytest.approx(0.3))
@@ -164,6 +165,7 @@ def test_the_load_window_derives_arrivals_and_mix_from_worker_counters():
     assert [t for t, _ in window.samples] == [4.0, 20.0, 21.0]
     late = window.observation("unified", 21.0, ready=1, starting=0)
     assert late.arrival_rate == pytest.approx((13 - 5) / 17)
+    assert late.recent_arrival_rate == pytest.approx(1 / 1)  # the last second alone: one finished
     with pytest.raises(ValueError, match="window_s must be > 0"):
         LoadWindow(0)
 

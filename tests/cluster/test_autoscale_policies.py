@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,56 @@ def test_every_policy_option_is_documented_with_its_default():
             shown = "true" if o.default is True else "false" if o.default is False else f"{o.default:g}" \
                 if isinstance(o.default, float) else str(o.default)
             assert any(shown in row or o.default is None for row in rows), (name, o.name, shown, rows)
+
+
+# -- slo: the arrival-rate estimate -------------------------------------------------------------------
+
+def slo_policy(**options):
+    from shoal.cluster.autoscale import Profile
+    from tests.cluster.test_autoscale_sim import PROFILE
+
+    assert isinstance(PROFILE, Profile)
+    return make_policy("slo", Bounds(0, 100), PROFILE, ttft_s=1.0, itl_s=0.05, default_prompt_len=256,
+                       default_output_len=32, **options)
+
+
+def feed(policy, counts, start: float = 0.0, interval: float = 5.0, replicas: int = 1):
+    """Observations every ``interval`` s with ``counts[i]`` arrivals in interval i -> the decisions."""
+    out = []
+    for i, n in enumerate(counts):
+        rate = n / interval
+        out.append(policy.decide(obs(start + (i + 1) * interval, replicas, arrival_rate=rate,
+                                     recent_arrival_rate=rate, mean_prompt_len=256, mean_output_len=32)))
+        replicas = out[-1].replicas
+    return out
+
+
+def test_slo_plans_on_the_long_mean_so_poisson_noise_does_not_inflate_a_steady_load():
+    import random
+
+    rng = random.Random(0)
+    steady = [sum(1 for _ in range(2000) if rng.random() < 40 / 2000) for _ in range(120)]  # 8 req/s, Poisson-ish
+    decisions = feed(slo_policy(), steady)
+    per_replica = decisions[-1].inputs["rate_per_replica"]
+    need = math.ceil(8.0 / per_replica)
+    assert not any("shifted" in d.reason for d in decisions[24:])  # noise is never a shift
+    assert max(d.replicas for d in decisions[24:]) <= need  # planning on each 5 s sample: need + 1 here
+
+
+def test_slo_answers_a_step_in_load_at_the_tick_that_sees_it_and_forgets_the_old_level():
+    policy = slo_policy()
+    before = feed(policy, [2] * 24)  # 0.4 req/s for 2 minutes
+    after = feed(policy, [20] * 6, start=120.0, replicas=before[-1].replicas)  # then 4 req/s
+    assert "load shifted up" in after[0].reason
+    assert after[0].inputs["planned_rate"] == pytest.approx(4.0)  # the new interval alone, not a mean
+    assert after[-1].inputs["planned_rate"] == pytest.approx(4.0)  # the 0.4 before the step is gone
+    down = feed(policy, [2] * 12, start=150.0, replicas=after[-1].replicas)
+    assert any("load shifted down" in d.reason for d in down[:2])  # judged on shift_window_s (10 s)
+    assert down[-1].inputs["planned_rate"] == pytest.approx(0.4)
+    assert down[-1].replicas < after[-1].replicas  # down after the 20 s scale-down window
+
+
+def test_slo_falls_back_to_the_short_window_rate_without_a_per_interval_one():
+    policy = slo_policy()
+    d = policy.decide(obs(5.0, 1, arrival_rate=3.0, mean_prompt_len=256, mean_output_len=32))
+    assert d.inputs["planned_rate"] == pytest.approx(3.0)

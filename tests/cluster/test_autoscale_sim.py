@@ -87,3 +87,35 @@ def test_a_trace_mean_rate_counts_only_what_falls_inside_the_trace():
     assert short.mean_rate <= short.peak_rate
     long = make_trace("spike", 10.0, duration_s=1200)
     assert long.mean_rate == pytest.approx((900 * 1.0 + 300 * 10.0) / 1200)
+
+
+def test_the_router_holds_what_no_replica_has_room_for_and_serves_it_later():
+    from shoal.cluster.autoscale import Decision
+    from shoal.cluster.autoscale.sim.simulator import SimConfig, Simulator
+    from shoal.cluster.autoscale.sim.traces import make_trace
+
+    class Watch:  # a static policy that keeps what it saw
+        name = "watch"
+
+        def __init__(self):
+            self.seen = []
+
+        def decide(self, obs):
+            self.seen.append(obs)
+            return Decision(2, "fixed")
+
+    trace = make_trace("steady", 30.0, duration_s=30, input_len=256, output_len=32)  # far above 2 replicas
+    runs = {}
+    for cap in (0, 3):
+        watch = Watch()
+        result = Simulator(trace, PROFILE, {"unified": watch}, {"unified": 2},
+                           SimConfig(max_open_per_worker=cap)).run()
+        assert all(r.done for r in result.requests)  # held, never dropped
+        runs[cap] = (watch.seen, result)
+    held_seen, held = runs[3]
+    assert max(o.num_running for o in held_seen) <= 2 * 3  # no replica took more than the limit
+    assert max(o.num_waiting for o in held_seen) > 0  # the rest waited at the router
+    free_seen, free = runs[0]
+    assert max(o.num_running for o in free_seen) > 2 * 3
+    worst_itl = lambda res: max(r.itl() for r in res.requests)  # noqa: E731
+    assert worst_itl(held) < worst_itl(free)  # small batches: every running request decodes faster

@@ -7,6 +7,9 @@ rate per replica times ``utilization``): ``static_peak`` at the trace's peak rat
 its mean rate. ``target`` tracks running requests per replica at the concurrency the capacity model
 predicts inside the SLO (the best target an HPA user could pick); ``queue`` keeps KEDA's defaults.
 Autoscaled pools start with what the first second's rate needs and may grow to twice static peak.
+Every policy runs behind the same router, which holds a request while every ready replica has
+``max_open_per_worker`` open (by default the batch the capacity model allows inside the SLO): a
+burst then waits at the router for the replicas it starts instead of piling onto the old ones.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Experiment:
     seed: int = 0
     sim: SimConfig = field(default_factory=SimConfig)
     slo_options: Mapping = field(default_factory=dict)  # extra knobs of the slo policy
+    max_open_per_worker: int | None = None  # the router's limit; None: the capacity model's batch; 0: off
 
     @property
     def mix(self) -> Mix:
@@ -54,6 +58,15 @@ class Experiment:
                              f"{self.input_len}-token prompts: loosen the SLO or profile a faster worker")
         return make_trace(name, self.peak_replicas * self.rate_per_replica(), self.duration_s, self.seed,
                           self.input_len, self.output_len)
+
+    def open_limit(self) -> int:
+        """Open requests a replica takes before the router holds new ones (0: no limit). Auto: the batch
+        the capacity model predicts at a replica's full rate inside the SLO, rounded up."""
+        if self.max_open_per_worker is not None:
+            return self.max_open_per_worker
+        model = CapacityModel(self.profile, Slo(self.ttft_s, self.itl_s, self.quantile))
+        _, _, batch = model.unified_figures(self.rate_per_replica(), self.mix)
+        return max(1, math.ceil(batch))
 
     def replicas_for(self, rate: float) -> int:
         return max(1, math.ceil(rate / (self.rate_per_replica() * self.utilization) - 1e-9))
@@ -84,7 +97,7 @@ class Experiment:
     def run_one(self, trace: Trace, name: str) -> SimResult:
         policy, initial = self.policy(name, trace)
         sim = Simulator(trace, self.profile, {"unified": policy}, {"unified": initial},
-                        replace(self.sim, seed=self.seed))
+                        replace(self.sim, seed=self.seed, max_open_per_worker=self.open_limit()))
         return sim.run()
 
     def summarize(self, trace: Trace, name: str, result: SimResult) -> dict:

@@ -2,7 +2,8 @@
 
 Arrivals go through the router's real placement code (``router/placement``: ``choose(request,
 workers)`` over :class:`WorkerView` built from the simulated workers' :class:`WorkerLoad`); with no
-ready replica the router holds the request until one is. Every ``interval_s`` each pool's
+ready replica (or, with ``max_open_per_worker``, none below that many open requests: the router's
+option of that name) the router holds the request until one is. Every ``interval_s`` each pool's
 autoscaling policy gets a :class:`PoolObservation` (the figures the live controller gathers) and
 its decision is applied: new replicas serve after the cold start; removed ones drain (no new
 requests, in-flight ones finish) and then go. A ``prefill`` + ``decode`` pair is disaggregated: a
@@ -34,6 +35,7 @@ class SimConfig:
     placement: str = "least_load"
     seed: int = 0
     tail_s: float = 600.0  # after the trace ends, at most this long for the last requests to finish
+    max_open_per_worker: int = 0  # the router holds a request while every ready replica has this many; 0: off
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class _Pool:
     held: deque = field(default_factory=deque)  # requests the router holds: no ready replica
     arrivals: deque = field(default_factory=deque)  # (time, prompt_len, output_len) within the window
     tokens_at_tick: int = 0
+    last_tick: float = 0.0
 
     def live(self, *states: str) -> list[SimWorker]:
         return [w for w in self.workers if w.state in states]
@@ -122,7 +125,7 @@ class Simulator:
         self._place(pool, req, now)
 
     def _place(self, pool: _Pool, req: SimRequest, now: float) -> None:
-        ready = pool.live("ready")
+        ready = self._open(pool)
         if not ready:
             req.queued_at = now
             pool.held.append(req)
@@ -132,6 +135,15 @@ class Simulator:
         worker = next(w for w in ready if w.worker_id == chosen)
         worker.enqueue(req, now)
         self._kick(worker, now)
+
+    def _open(self, pool: _Pool) -> list[SimWorker]:
+        """The ready replicas that take a request now (below ``max_open_per_worker``, when set)."""
+        cap = self.config.max_open_per_worker
+        return [w for w in pool.live("ready") if not cap or w.open_requests < cap]
+
+    def _release_held(self, pool: _Pool, now: float) -> None:
+        while pool.held and self._open(pool):
+            self._place(pool, pool.held.popleft(), now)
 
     def _kick(self, worker: SimWorker, now: float) -> None:
         if worker.busy:
@@ -147,6 +159,8 @@ class Simulator:
         self.finished += len(finished)
         for req in handed:
             self._place(self.pools["decode"], req, now)
+        if finished or handed:
+            self._release_held(self.pools[worker.role], now)
         self._kick(worker, now)
 
     # -- replicas -----------------------------------------------------------------------------------
@@ -163,9 +177,7 @@ class Simulator:
         if worker.state != "starting":
             return  # cancelled while starting
         worker.state = "ready"
-        pool = self.pools[worker.role]
-        while pool.held:
-            self._place(pool, pool.held.popleft(), now)
+        self._release_held(self.pools[worker.role], now)
 
     def _end(self, worker: SimWorker, now: float) -> None:
         worker.state, worker.ended = "gone", now
@@ -192,6 +204,9 @@ class Simulator:
         while pool.arrivals and pool.arrivals[0][0] < now - cfg.window_s:
             pool.arrivals.popleft()
         n = len(pool.arrivals)
+        since = now - pool.last_tick
+        recent = sum(1 for a in pool.arrivals if a[0] >= pool.last_tick) / since if since > 0 else 0.0
+        pool.last_tick = now
         ready = pool.live("ready")
         serving = pool.live("ready", "draining")
         tokens = sum(w.tokens_computed for w in pool.workers)
@@ -205,6 +220,7 @@ class Simulator:
             num_waiting=sum(l.num_waiting for l in loads) + len(pool.held),
             kv_usage=sum(l.kv_usage for l in loads) / len(loads) if loads else 0.0,
             tokens_per_s=tokens_per_s, arrival_rate=n / min(cfg.window_s, now) if now > 0 else 0.0,
+            recent_arrival_rate=recent,
             mean_prompt_len=sum(a[1] for a in pool.arrivals) / n if n else 0.0,
             mean_output_len=sum(a[2] for a in pool.arrivals) / n if n else 0.0,
             max_queue_time_s=max(waits, default=0.0))
