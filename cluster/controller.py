@@ -326,19 +326,23 @@ class Controller:
         timeout = min(5.0, self.hang_timeout_s) if ping_timeout_s is None else ping_timeout_s
         judged = []
 
+        def idle(replica: Replica) -> bool:
+            return not (replica.actor is None or replica.draining or _running(replica.restarting)
+                        or _running(replica.starting))
+
         async def ping(replica: Replica) -> None:
-            if replica.actor is None or replica.draining or _running(replica.restarting) \
-                    or _running(replica.starting):
+            if not idle(replica):
                 return
-            sent = self._clock()
+            generation, sent = replica.generation, self._clock()
             try:
                 await asyncio.wait_for(replica.actor.health.remote(), timeout)
             except ray.exceptions.RayActorError:
-                judged.append(replica.worker_id)
-                self._begin_restart(replica, hung=False)
+                if idle(replica) and replica.generation == generation:  # not judged by a concurrent check
+                    judged.append(replica.worker_id)
+                    self._begin_restart(replica, hung=False)
                 return
             except asyncio.TimeoutError:
-                if self._hung(replica, sent, timeout):
+                if idle(replica) and replica.generation == generation and self._hung(replica, sent, timeout):
                     judged.append(replica.worker_id)
                     self._begin_restart(replica, hung=True)
                 return
