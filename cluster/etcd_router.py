@@ -13,7 +13,7 @@ import os
 import uuid
 
 from shoal.cluster.autoscale.record import list_decisions
-from shoal.cluster.registry import LeasedKey, MembershipWatcher, RouterRegistration, demand_key
+from shoal.cluster.registry import LeasedKey, MembershipWatcher, RouterRegistration, demand_key, demand_value
 from shoal.cluster.spec import DeploymentSpec
 from shoal.router.app import create_app
 from shoal.router.config import RouterConfig
@@ -67,6 +67,8 @@ class EtcdRouter:
         self.metrics = RouterMetrics()
         self._autoscale_task: asyncio.Task | None = None
         self._demand: LeasedKey | None = None  # put while this router holds requests for a worker
+        self._full: LeasedKey | None = None  # put while it holds requests for a worker with room
+        self._room = None  # the app's WorkerRoom (max_open_per_worker)
 
     @property
     def bound(self) -> tuple[str, int] | None:
@@ -123,6 +125,7 @@ class EtcdRouter:
         self.pool = make_pool(config)
         app = create_app(config, self.pool, await asyncio.to_thread(self._tokenizer), metrics=self.metrics,
                          on_demand=self._signal_demand)
+        self._room = app.state.ctx.room
         self.host_server = RouterHost(app, self.host, self.port, drain_timeout_s=self.drain_timeout_s)
         await self.host_server.listen()
 
@@ -153,13 +156,28 @@ class EtcdRouter:
             demand, self._demand = self._demand, None
             await demand.deregister()
 
+    async def _report_full(self, held: int) -> None:
+        """Keep ``demand/<router>-full`` = ``{"held": n}`` while ``n`` requests wait for a worker below
+        max_open_per_worker: the autoscaler counts them as waiting (they reach no worker's count yet)."""
+        if held > 0 and self._full is None:
+            key = demand_key(self.spec.name, f"{self.router_id or 'router-' + uuid.uuid4().hex[:12]}-full",
+                             self.spec.etcd.prefix)
+            self._full = await LeasedKey(self.client, key, demand_value(held), ttl_s=self.lease_ttl_s).start()
+        elif held > 0 and self._full.value != demand_value(held):
+            await self._full.update(demand_value(held))
+        elif held == 0 and self._full is not None:
+            full, self._full = self._full, None
+            await full.deregister()
+
     async def _follow_autoscale(self) -> None:
-        """Copy the autoscaler's etcd records into ``shoal_autoscale_{desired,current}_replicas``, each
-        health interval (at least 1 s): one small range read, so /metrics needs no etcd call."""
+        """Each health interval (at least 1 s): copy the autoscaler's etcd records into
+        ``shoal_autoscale_{desired,current}_replicas`` (one small range read, so /metrics needs no etcd
+        call), and report the requests held for a worker with room."""
         while True:
             try:
                 records = await list_decisions(self.client, self.spec.name, self.spec.etcd.prefix)
                 self.metrics.observe_autoscale({p: (r.desired, r.current) for p, r in records.items()})
+                await self._report_full(self._room.held if self._room is not None else 0)
             except Exception as e:  # noqa: BLE001 - etcd away: keep the last figures, try again
                 log.info("reading the autoscaling records: %s: %s", type(e).__name__, e)
             await asyncio.sleep(max(1.0, self.health_interval_s))
@@ -173,9 +191,10 @@ class EtcdRouter:
         watcher, self.watcher = self.watcher, None
         if watcher is not None:
             await watcher.stop()
-        demand, self._demand = self._demand, None
-        if demand is not None:
-            await demand.deregister()
+        for key in (self._demand, self._full):
+            if key is not None:
+                await key.deregister()
+        self._demand = self._full = None
         follower, self._autoscale_task = self._autoscale_task, None
         if follower is not None:
             follower.cancel()

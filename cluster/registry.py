@@ -109,6 +109,19 @@ def demand_key(deployment: str, router_key: str, prefix: str = DEFAULT_PREFIX) -
     return demand_prefix(deployment, prefix) + router_key
 
 
+def demand_value(held: int) -> bytes:
+    return json.dumps({"held": held}).encode()
+
+
+def held_requests(value: bytes) -> int:
+    """The requests a demand key stands for: its ``held`` count (``true``, or unreadable: one)."""
+    try:
+        held = json.loads(value).get("held")
+    except (ValueError, AttributeError):
+        return 1
+    return held if isinstance(held, int) and not isinstance(held, bool) and held > 0 else 1
+
+
 def spec_key(deployment: str, prefix: str = DEFAULT_PREFIX) -> str:
     _check_segment("deployment", deployment)
     return f"{_norm_prefix(prefix)}/{deployment}/spec"
@@ -317,6 +330,12 @@ class LeasedKey:
         await self._register()
         self._task = asyncio.get_running_loop().create_task(self._keepalive(), name=f"etcd-lease:{self.key}")
         return self
+
+    async def update(self, value: bytes) -> None:
+        """Put a new value under the current lease (and under any later one the keep-alive grants)."""
+        self.value = value
+        if self.lease_id is not None:
+            await self.client.put(self.key.encode(), value, lease=self.lease_id)
 
     async def deregister(self, timeout_s: float = 5.0) -> bool:
         """Drain: stop the keep-alive and revoke the lease, which deletes the key at once.

@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Callable, Mapping, Protocol
 
-from shoal.cluster.registry import demand_prefix
+from shoal.cluster.registry import demand_prefix, held_requests
 from shoal.cluster.spec import DeploymentSpec, PoolAutoscaling
 
 from .base import Bounds, Decision, Policy, PoolObservation, make_policy
@@ -47,9 +47,10 @@ class ScaleTarget(Protocol):
 
 class ControllerSource:
     """Observations from a :class:`~shoal.cluster.controller.Controller`: its replica counts and its
-    actors' ``load()`` answers, rates over ``window_s``. With an etcd ``client``, each router's demand
-    key (it holds requests while no worker serves: scale to zero) counts as one waiting request in
-    every pool that serves Generate (unified, decode)."""
+    actors' ``load()`` answers, rates over ``window_s``. With an etcd ``client``, the requests routers
+    hold (while no worker serves: scale to zero; while every worker is full: max_open_per_worker),
+    read from their demand keys, count as waiting in every pool that serves Generate (unified,
+    decode): they reach no worker's figures yet."""
 
     def __init__(self, controller, window_s: float = 30.0, client=None) -> None:
         self.controller = controller
@@ -63,14 +64,14 @@ class ControllerSource:
         ready, starting = self.controller.counts(pool)
         obs = window.observation(pool, now, ready, starting)
         held = await self.routers_holding() if pool != "prefill" else 0
-        return dataclasses.replace(obs, num_waiting=max(obs.num_waiting, held)) if held else obs
+        return dataclasses.replace(obs, num_waiting=obs.num_waiting + held) if held else obs
 
     async def routers_holding(self) -> int:
         if self.client is None:
             return 0
         spec = self.controller.spec
-        found = await self.client.get_prefix(demand_prefix(spec.name, spec.etcd.prefix).encode(), keys_only=True)
-        return len(found)
+        found = await self.client.get_prefix(demand_prefix(spec.name, spec.etcd.prefix).encode())
+        return sum(held_requests(kv.value) for kv in found)
 
 
 def make_pool_policy(pool: str, auto: PoolAutoscaling) -> Policy:

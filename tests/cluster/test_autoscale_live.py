@@ -206,3 +206,77 @@ def test_a_pool_goes_to_zero_only_after_the_loop_watched_it_long_enough():
     assert (back.desired, back.current) == (1, 0) and target.calls[-1] == ("unified", 1)
     with pytest.raises(ValueError, match="zero_after_s must be >= 0"):
         Autoscaler(spec, target, source, zero_after_s=-1)
+
+
+def test_requests_routers_hold_count_as_waiting_from_their_demand_keys(etcd_server):
+    from shoal.cluster.autoscale.live import ControllerSource
+    from shoal.cluster.registry import LeasedKey, demand_key, demand_value
+
+    spec = spec_with({"unified": {"max_replicas": 4, "policy": "slo"}})
+
+    class Pool:  # what ControllerSource reads of a Controller
+        def __init__(self):
+            self.spec = spec
+
+        async def loads(self, pool):
+            return {"w0": (load(2, waiting=1), WorkerTotals(0, 0, 0, 0))}
+
+        def counts(self, pool):
+            return 1, 0
+
+    async def main():
+        client = await connect(etcd_server.endpoint)
+        try:
+            source = ControllerSource(Pool(), client=client)
+            assert (await source.observe("unified", 0.0)).num_waiting == 1  # the worker's own queue
+            cold = await LeasedKey(client, demand_key("live", "router-0"), b'{"held": true}').start()
+            full = await LeasedKey(client, demand_key("live", "router-1-full"), demand_value(5)).start()
+            assert (await source.observe("unified", 1.0)).num_waiting == 1 + 1 + 5
+            await full.update(demand_value(2))
+            assert (await source.observe("unified", 2.0)).num_waiting == 1 + 1 + 2
+            await cold.deregister()
+            await full.deregister()
+            assert (await source.observe("unified", 3.0)).num_waiting == 1
+            assert (await source.observe("prefill", 4.0)).num_waiting == 1  # prefill pools never count them
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_router_reports_what_it_holds_for_a_worker_with_room(etcd_server):
+    from shoal.cluster.etcd_router import EtcdRouter
+    from shoal.cluster.registry import demand_prefix, held_requests
+
+    spec = spec_with({"unified": {"max_replicas": 4, "policy": "slo"}})
+
+    async def main():
+        client = await connect(etcd_server.endpoint)
+        router = EtcdRouter(spec, client, router_id="router-0")
+
+        async def held():
+            return {kv.key.decode().rsplit("/", 1)[1]: held_requests(kv.value)
+                    for kv in await client.get_prefix(demand_prefix("live").encode())}
+
+        try:
+            await router._report_full(3)  # noqa: SLF001 - the follow loop's step, without a whole router
+            assert await held() == {"router-0-full": 3}
+            await router._report_full(1)  # noqa: SLF001
+            assert await held() == {"router-0-full": 1}
+            await router._report_full(0)  # noqa: SLF001
+            assert await held() == {}
+            await router._report_full(2)  # noqa: SLF001
+            await router.stop()  # stopping takes the key with it
+            assert await held() == {}
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_demand_key_stands_for_its_held_count_or_one():
+    from shoal.cluster.registry import demand_value, held_requests
+
+    assert held_requests(demand_value(7)) == 7
+    assert held_requests(b'{"held": true}') == 1  # the scale-to-zero key: one router holding
+    assert held_requests(b"not json") == held_requests(b'{"held": 0}') == held_requests(b"[]") == 1
