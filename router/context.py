@@ -22,7 +22,7 @@ class RouterContext:
                  clock: Callable[[], float], on_demand: OnDemand | None = None) -> None:
         self.config, self.pool, self.tok, self.metrics, self.clock = config, pool, tok, metrics, clock
         self.cold_start = ColdStart(config.cold_start_wait_s, pool.has_healthy, on_demand)
-        self.room = WorkerRoom(pool.max_open_per_worker, pool.has_room, config.queue_timeout_s)
+        self.room = WorkerRoom(pool.max_open_per_worker, pool.has_room, pool.has_healthy, config.queue_timeout_s)
         self.admission = Admission(config.max_concurrent_requests, config.max_waiting_requests,
                                    config.queue_timeout_s, config.retry_after_s, metrics)
         self._tasks: set[asyncio.Task] = set()  # strong references: asyncio keeps only weak ones

@@ -16,22 +16,31 @@ from typing import Callable
 
 
 class WorkerRoom:
-    def __init__(self, limit: int, has_room: Callable[[], bool], wait_s: float, *, poll_s: float = 0.02) -> None:
+    """``has_room``: some healthy worker is below the limit; ``has_worker``: some healthy worker at all
+    (with none, there is nothing to wait for: placement answers its own 503 at once)."""
+
+    def __init__(self, limit: int, has_room: Callable[[], bool], has_worker: Callable[[], bool], wait_s: float, *,
+                 poll_s: float = 0.02) -> None:
         if limit < 0 or not wait_s > 0 or not poll_s > 0:
             raise ValueError(f"limit must be >= 0 and wait_s, poll_s > 0, got {limit}, {wait_s}, {poll_s}")
-        self.limit, self.has_room, self.wait_s, self.poll_s = limit, has_room, wait_s, poll_s
+        self.limit, self.has_room, self.has_worker = limit, has_room, has_worker
+        self.wait_s, self.poll_s = wait_s, poll_s
         self.held = 0  # requests waiting for room now
 
+    def _free(self) -> bool:
+        return self.limit == 0 or self.has_room() or not self.has_worker()
+
     async def wait(self) -> bool:
-        """At once if there is no limit or a worker has room; else wait up to ``wait_s`` -> whether one has."""
-        if self.limit == 0 or self.has_room():
+        """At once if there is no limit, a worker has room, or none is healthy; else wait up to ``wait_s``
+        -> False only when workers stayed full all that time."""
+        if self._free():
             return True
         self.held += 1
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.wait_s
-            while not self.has_room() and loop.time() < deadline:
+            while not self._free() and loop.time() < deadline:
                 await asyncio.sleep(self.poll_s)  # releases and load polls change what has_room sees
-            return self.has_room()
+            return self._free()
         finally:
             self.held -= 1

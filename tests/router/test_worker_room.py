@@ -92,3 +92,10 @@ def test_rank_puts_full_workers_last_in_the_policy_order(engines):
     assert pool.rank(req)[0] == "room-a"
     with pytest.raises(ValueError, match="max_open_per_worker"):
         WorkerPool(make_policy("round_robin"), max_open_per_worker=-1)
+
+
+def test_with_no_healthy_worker_nothing_is_held_for_room(smol_tokenizer, serve):
+    url, app = serve([], smol_tokenizer, served_model_name="tiny", max_open_per_worker=1, queue_timeout_s=30)
+    resp = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=10)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_healthy_worker"  # at once, not in 30 s
+    assert app.state.ctx.room.held == 0
