@@ -61,8 +61,15 @@ def two_node_cluster(num_cpus: int = 2, slots: tuple[int, int] = (1, 1)):
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_TMPDIR", str(base))
     common = dict(num_cpus=num_cpus, node_ip_address="127.0.0.1", temp_dir=str(temp))
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        resources={"slot": slots[0]}, include_dashboard=False, **common))
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args=dict(
+            resources={"slot": slots[0]}, include_dashboard=False, **common))
+    except Exception as e:  # the head did not come up: say why from its logs before they are removed
+        mp.undo()
+        logs = "\n".join(f"--- {f.name}:\n{f.read_text(errors='replace')[-2000:]}"
+                         for f in sorted(temp.glob("session_*/logs/gcs_server*")) if f.is_file())
+        shutil.rmtree(base, ignore_errors=True)
+        raise RuntimeError(f"the Ray head did not start: {e}\n{logs or '(no GCS log)'}") from e
     try:
         cluster.add_node(resources={"slot": slots[1]}, **common)
         ray.init(address=cluster.address, log_to_driver=False)
