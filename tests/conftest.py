@@ -8,10 +8,6 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))  # shared helpers: tests/tiny_models.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Ray waits 30 s for a new GCS to bind its port (and ~20 s for a node to reach it). On the 2-core CI
-# machine, with the other xdist worker loading an engine, a head took longer once (test_router_replicas:
-# "Timed out waiting for file .../gcs_server_port_*"). A longer bound on that readiness wait, not a retry.
-os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
