@@ -58,29 +58,32 @@ def paged_attention(
     Computed in fp32. The new tokens' keys and values must already be in the cache
     (``reshape_and_cache`` first), so a prefill chunk sees its cached prefix and itself alike.
     """
-    num_heads = q.shape[1]
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    for s, seq_len in enumerate(lens):
+    for s, seq_len in enumerate(seq_lens.tolist()):
         q_start, q_end = starts[s], starts[s + 1]
-        q_len = q_end - q_start
-        if q_len == 0:
-            continue
-        k = gather_kv(k_cache, block_tables[s], seq_len).float()
-        v = gather_kv(v_cache, block_tables[s], seq_len).float()
-        # [heads, tokens, head_dim]; kv heads repeated for GQA
-        qs = q[q_start:q_end].float().transpose(0, 1)
-        k = k.transpose(0, 1).repeat_interleave(group, dim=0)
-        v = v.transpose(0, 1).repeat_interleave(group, dim=0)
-        # query i sits at position seq_len - q_len + i and sees keys 0 ..= that position
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
-        mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [q_len, seq_len]
-        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
-        out[q_start:q_end] = o.transpose(0, 1).to(q.dtype)
+        if q_end > q_start:
+            out[q_start:q_end] = attend_sequence(q[q_start:q_end], k_cache, v_cache, block_tables[s], seq_len, scale)
     return out
+
+
+def attend_sequence(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    seq_len: int, scale: float) -> torch.Tensor:
+    """One sequence's query tokens (``[q_len, num_heads, head_dim]``, the last ``q_len`` of its
+    ``seq_len``) attending causally to its cached context, in fp32; -> q's shape and dtype."""
+    q_len = q.shape[0]
+    group = q.shape[1] // k_cache.shape[2]
+    k = gather_kv(k_cache, block_table, seq_len).float()
+    v = gather_kv(v_cache, block_table, seq_len).float()
+    # [heads, tokens, head_dim]; kv heads repeated for GQA
+    qs = q.float().transpose(0, 1)
+    k = k.transpose(0, 1).repeat_interleave(group, dim=0)
+    v = v.transpose(0, 1).repeat_interleave(group, dim=0)
+    # query i sits at position seq_len - q_len + i and sees keys 0 ..= that position
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+    mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [q_len, seq_len]
+    o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
+    return o.transpose(0, 1).to(q.dtype)
 
 
 def rms_norm(

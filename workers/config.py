@@ -33,8 +33,8 @@ class EngineConfig:
                                 "bfloat16 on GPU", choices=DTYPES)
     device: str = option("auto", "'auto': cuda when available, else cpu",
                          check=(_is_device, "'auto', 'cpu', 'cuda' or 'cuda:N'"))
-    kernels: str = option("auto", "'auto': triton on cuda, reference (torch) on cpu",
-                          choices=("auto", "reference", "triton"))
+    kernels: str = option("auto", "'auto': triton on cuda, cpu (torch, decode attention batched) on cpu; "
+                                  "'reference': the plain torch oracle", choices=("auto", "reference", "cpu", "triton"))
     seed: int = option(0, "seed of dummy weights and of unseeded sampling")
     max_model_len: int | None = option(
         None, "longest sequence (prompt + output); default: the model's max_position_embeddings, "

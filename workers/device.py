@@ -32,9 +32,9 @@ def torch_device(config: EngineConfig) -> torch.device:
 
 
 def kernel_set(config: EngineConfig) -> str:
-    """``kernels="auto"``: triton on cuda, reference on cpu."""
+    """``kernels="auto"``: triton on cuda, cpu on cpu."""
     if config.kernels == "auto":
-        return "triton" if torch_device(config).type == "cuda" else "reference"
+        return "triton" if torch_device(config).type == "cuda" else "cpu"
     return config.kernels
 
 

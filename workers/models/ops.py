@@ -6,12 +6,13 @@ GPU), which keeps model files free of device logic and lets tests swap implement
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from shoal.kernels import reference
+from shoal.kernels import cpu_attention, reference
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,17 @@ REFERENCE_OPS = KernelOps(
 )
 
 
+# The reference with a batch's decode tokens attended together (``shoal.kernels.cpu_attention``).
+CPU_OPS = dataclasses.replace(REFERENCE_OPS, name="cpu", paged_attention=cpu_attention.paged_attention)
+
+
 def kernel_ops(name: str) -> KernelOps:
-    """``"reference"`` (torch, any device) or ``"triton"`` (GPU kernels in ``shoal.kernels``)."""
+    """``"reference"`` (torch, any device), ``"cpu"`` (torch, batched decode attention) or ``"triton"``
+    (GPU kernels in ``shoal.kernels``)."""
     if name == "reference":
         return REFERENCE_OPS
+    if name == "cpu":
+        return CPU_OPS
     if name == "triton":
         from shoal.kernels import activation, paged_attention, rmsnorm, rotary
 
@@ -58,4 +66,4 @@ def kernel_ops(name: str) -> KernelOps:
             silu_and_mul=activation.silu_and_mul,
             paged_attention=paged_attention.paged_attention,
         )
-    raise ValueError(f"kernels must be 'reference' or 'triton', got {name!r}")
+    raise ValueError(f"kernels must be 'reference', 'cpu' or 'triton', got {name!r}")
