@@ -203,6 +203,7 @@ BENCHMARKS = [
     ("kv-transfer", "kv_transfer", "KV block transfer bandwidth between two devices beside the send/recv ceiling"),
     ("profile", "profile", "measure a worker's prefill and decode step times: the autoscaling profile"),
     ("autoscale", "autoscale", "simulate autoscaling policies on traces: SLO attainment against replica-hours"),
+    ("calibrate", "calibrate", "a live autoscaled deployment under a load step against the simulator's replay"),
 ]
 
 

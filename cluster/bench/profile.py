@@ -17,6 +17,8 @@ import random
 import statistics
 import time
 
+from shoal.cluster.autoscale.profile import Profile
+
 from .report import engine_settings, environment, format_table, write_json
 
 
@@ -71,39 +73,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(enable_prefix_caching=False)
 
 
+def measure(llm, model: str, cold_start_s: float, lens, batches, contexts, decode_steps: int = 8,
+            repeats: int = 3) -> Profile:
+    """The :class:`Profile` of a loaded ``LLM``: prefill times by prompt length, decode step times by
+    batch and context (``cold_start_s``: what loading it took)."""
+    rng = random.Random(0)
+    env, settings = environment(), engine_settings(llm.engine)
+    prefill_time(llm, 32, 1, rng)  # warm up
+    prefill = [prefill_time(llm, n, repeats, rng) for n in lens]
+    decode = [[decode_step_time(llm, b, c, decode_steps, rng) for c in contexts] for b in batches]
+    return Profile(model=model, device=env["device"], prefill_lens=tuple(lens), prefill_s=tuple(prefill),
+                   decode_batches=tuple(batches), decode_contexts=tuple(contexts),
+                   decode_step_s=tuple(tuple(r) for r in decode), cold_start_s=cold_start_s,
+                   max_num_seqs=settings["max_num_seqs"], max_num_batched_tokens=settings["max_num_batched_tokens"],
+                   kv_capacity_tokens=settings["num_kv_blocks"] * settings["block_size"], date=env["date"])
+
+
+def print_profile(profile: Profile) -> None:
+    rows = [{"prompt_len": n, "prefill_ms": t * 1e3, "tok_per_s": n / t}
+            for n, t in zip(profile.prefill_lens, profile.prefill_s)]
+    print(format_table(rows, title=f"prefill, {profile.model}"))
+    rows = [{"batch": b, **{f"ctx{c}_ms": profile.decode_step_s[i][j] * 1e3 for j, c in enumerate(profile.decode_contexts)}}
+            for i, b in enumerate(profile.decode_batches)]
+    print(format_table(rows, title="decode step"))
+    print(f"cold start (engine load): {profile.cold_start_s:.2f} s")
+
+
 def run_from_args(args: argparse.Namespace) -> dict:
-    from shoal.cluster.autoscale.profile import Profile
     from shoal.cluster.flags import engine_kwargs
     from shoal.workers import LLM
 
-    rng = random.Random(0)
     start = time.perf_counter()
     llm = LLM(args.model, **engine_kwargs(args))
     cold_start = time.perf_counter() - start
-    env = environment()
-    settings = engine_settings(llm.engine)
-    lens = [int(x) for x in args.prefill_lens.split(",")]
-    batches = [int(x) for x in args.batches.split(",")]
-    contexts = [int(x) for x in args.contexts.split(",")]
-    prefill_time(llm, 32, 1, rng)  # warm up
-    prefill = [prefill_time(llm, n, args.repeats, rng) for n in lens]
-    decode = [[decode_step_time(llm, b, c, args.decode_steps, rng) for c in contexts] for b in batches]
-    profile = Profile(model=args.model, device=env["device"], prefill_lens=tuple(lens), prefill_s=tuple(prefill),
-                      decode_batches=tuple(batches), decode_contexts=tuple(contexts),
-                      decode_step_s=tuple(tuple(r) for r in decode), cold_start_s=cold_start,
-                      max_num_seqs=settings["max_num_seqs"],
-                      max_num_batched_tokens=settings["max_num_batched_tokens"],
-                      kv_capacity_tokens=settings["num_kv_blocks"] * settings["block_size"], date=env["date"])
-    rows = [{"prompt_len": n, "prefill_ms": t * 1e3, "tok_per_s": n / t} for n, t in zip(lens, prefill)]
-    print(format_table(rows, title=f"prefill, {args.model}"))
-    rows = [{"batch": b, **{f"ctx{c}_ms": decode[i][j] * 1e3 for j, c in enumerate(contexts)}}
-            for i, b in enumerate(batches)]
-    print(format_table(rows, title="decode step"))
-    print(f"cold start (engine load): {cold_start:.2f} s")
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    profile = measure(llm, args.model, cold_start, ints(args.prefill_lens), ints(args.batches), ints(args.contexts),
+                      args.decode_steps, args.repeats)
+    print_profile(profile)
     if args.output:
         profile.save(args.output)
-    payload = {"benchmark": "profile", "model": args.model, "env": env, "engine_settings": settings,
-               "profile": profile.to_dict()}
+    payload = {"benchmark": "profile", "model": args.model, "env": environment(),
+               "engine_settings": engine_settings(llm.engine), "profile": profile.to_dict()}
     write_json(args.result_file, payload)
     llm.shutdown()
     return payload

@@ -75,8 +75,17 @@ def make_trace(name: str, peak_rate: float, duration_s: float = 3600.0, seed: in
                input_len: int = 256, output_len: int = 128, range_ratio: float = 0.5) -> Trace:
     rng = random.Random(f"{name}-{seed}")
     segments = [(s, f * peak_rate) for s, f in shape(name, duration_s, rng)]
+    return trace_of(name, segments, duration_s, seed, input_len, output_len, range_ratio, rng)
+
+
+def trace_of(name: str, segments, duration_s: float, seed: int = 0, input_len: int = 256, output_len: int = 128,
+             range_ratio: float = 0.5, rng: random.Random | None = None) -> Trace:
+    """The requests of piecewise-constant ``(start, rate in req/s)`` segments over ``duration_s``."""
+    rng = rng or random.Random(f"{name}-{seed}")
+    segments = [(float(s), float(r)) for s, r in segments]
+    peak_rate = max(r for _, r in segments)
     arrivals, t = [], 0.0
-    while True:  # thinning: candidates at the peak rate, each kept with probability rate(t) / peak
+    while peak_rate > 0:  # thinning: candidates at the peak rate, each kept with probability rate(t) / peak
         t += rng.expovariate(peak_rate)
         if t >= duration_s:
             break
