@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import gemv as _gemv_module
 from . import reference
 from .activation import silu_and_mul
 from .gemv import GemvConfig, gemv, gemv_silu_and_mul, m_bucket
@@ -176,6 +177,8 @@ def bench_gemv(
                                GBps=moved / (ms_ * 1e-3) / GB)
                 except Exception as exc:  # a config that does not compile or run is a row, not a crash
                     row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                finally:  # fresh split-K counters: a config that left them dirty cannot spoil the next
+                    _gemv_module._COUNTERS.by_stream.clear()
                 rows.append(row)
                 return row
 

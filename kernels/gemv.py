@@ -85,6 +85,44 @@ def default_config(n: int, k: int, m: int) -> GemvConfig:
 
 
 @triton.jit
+def _load_w(w_rows, kk, k_left, n_mask, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    # w_rows: [BLOCK_N, 1] row pointers at this split's first K; kk: [BLOCK_K] offsets from there
+    if EVEN_K:
+        if EVEN_N:
+            return tl.load(w_rows + kk[None, :])
+        return tl.load(w_rows + kk[None, :], mask=n_mask, other=0.0)
+    return tl.load(w_rows + kk[None, :], mask=n_mask & (kk < k_left)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_chunk(x_rows, w_rows, kk, k_left, m_mask, n_mask, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """One BLOCK_K chunk: x [BLOCK_M, BLOCK_K] (rows past M are zeros) and w [BLOCK_N, BLOCK_K]."""
+    if EVEN_K:
+        x = tl.load(x_rows + kk[None, :], mask=m_mask, other=0.0)
+    else:
+        x = tl.load(x_rows + kk[None, :], mask=m_mask & (kk < k_left)[None, :], other=0.0)
+    return x, _load_w(w_rows, kk, k_left, n_mask, EVEN_K, EVEN_N)
+
+
+@triton.jit
+def _dot(acc, x, w, FP32_DOT: tl.constexpr):
+    # acc: [BLOCK_M >= 16, BLOCK_N] += x [BLOCK_M, BLOCK_K] @ w^T
+    if FP32_DOT:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
+def _fma(acc, x, w, BLOCK_M: tl.constexpr):
+    # M = 1: acc [BLOCK_N, BLOCK_K] += x [1, BLOCK_K] * w; else acc [BLOCK_M, BLOCK_N, BLOCK_K] += x (x) w
+    if BLOCK_M == 1:  # one return: the compiler wants one type for all of a function's returns
+        acc = acc + x.to(tl.float32) * w.to(tl.float32)
+    else:
+        acc = acc + x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,  # [M, K], unit column stride
     w_ptr,  # [N_W, K] (N_W = N, or 2 * N with SILU_MUL), unit column stride
@@ -107,55 +145,53 @@ def _gemv_kernel(
     # Row bases in int64 (the LM head's N * K passes 2**31 elements at fp32); offsets inside a row int32.
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + k0
     x_rows = x_ptr + offs_m[:, None] * stride_xm + k0
+    w_up_rows = w_ptr + (offs_n.to(tl.int64) + N)[:, None] * stride_wn + k0  # SILU_MUL: up rows, N below
     m_mask = offs_m[:, None] < M
     n_mask = offs_n[:, None] < N
     # FMA: the products are summed over K once, after the loop (no cross-thread reduction per chunk).
+    # At M = 1 the accumulator is [BLOCK_N, BLOCK_K], in the layout W is loaded in (no shuffle through
+    # shared memory); above, [BLOCK_M, BLOCK_N, BLOCK_K].
     if DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    elif BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     if SILU_MUL:
         acc_up = tl.zeros_like(acc)
-    for i in range(0, chunks_per_split):
-        kk = i * BLOCK_K + offs_k
-        if EVEN_K:
-            x = tl.load(x_rows + kk[None, :], mask=m_mask, other=0.0)
-            if EVEN_N:
-                w = tl.load(w_rows + kk[None, :])
-            else:
-                w = tl.load(w_rows + kk[None, :], mask=n_mask, other=0.0)
-        else:
-            k_mask = (k0 + kk) < K
-            x = tl.load(x_rows + kk[None, :], mask=m_mask & k_mask[None, :], other=0.0)
-            w = tl.load(w_rows + kk[None, :], mask=n_mask & k_mask[None, :], other=0.0)
-        if SILU_MUL:
-            w_up_rows = w_rows + N * stride_wn
-            if EVEN_K:
-                if EVEN_N:
-                    wu = tl.load(w_up_rows + kk[None, :])
-                else:
-                    wu = tl.load(w_up_rows + kk[None, :], mask=n_mask, other=0.0)
-            else:
-                wu = tl.load(w_up_rows + kk[None, :], mask=n_mask & k_mask[None, :], other=0.0)
-        if DOT:
-            if FP32_DOT:
-                xd = x.to(tl.float32)
-                acc = tl.dot(xd, tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-                if SILU_MUL:
-                    acc_up = tl.dot(xd, tl.trans(wu.to(tl.float32)), acc_up, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
-                if SILU_MUL:
-                    acc_up = tl.dot(x, tl.trans(wu), acc_up)
-        else:
-            xf = x.to(tl.float32)[:, None, :]
-            acc += xf * w.to(tl.float32)[None, :, :]
+    if DOT:  # Triton's pipeliner streams the tiles through shared memory (cp.async, num_stages)
+        for i in range(0, chunks_per_split):
+            kk = i * BLOCK_K + offs_k
+            x, w = _load_chunk(x_rows, w_rows, kk, K - k0, m_mask, n_mask, EVEN_K, EVEN_N)
+            acc = _dot(acc, x, w, FP32_DOT)
             if SILU_MUL:
-                acc_up += xf * wu.to(tl.float32)[None, :, :]
+                wu = _load_w(w_up_rows, kk, K - k0, n_mask, EVEN_K, EVEN_N)
+                acc_up = _dot(acc_up, x, wu, FP32_DOT)
+    else:  # no pipeliner for FMA users: the next chunk is loaded (into registers) before this one's FMAs
+        x, w = _load_chunk(x_rows, w_rows, offs_k, K - k0, m_mask, n_mask, EVEN_K, EVEN_N)
+        if SILU_MUL:
+            wu = _load_w(w_up_rows, offs_k, K - k0, n_mask, EVEN_K, EVEN_N)
+        for i in range(1, chunks_per_split):
+            kk = i * BLOCK_K + offs_k
+            x_next, w_next = _load_chunk(x_rows, w_rows, kk, K - k0, m_mask, n_mask, EVEN_K, EVEN_N)
+            if SILU_MUL:
+                wu_next = _load_w(w_up_rows, kk, K - k0, n_mask, EVEN_K, EVEN_N)
+            acc = _fma(acc, x, w, BLOCK_M)
+            if SILU_MUL:
+                acc_up = _fma(acc_up, x, wu, BLOCK_M)
+                wu = wu_next
+            x, w = x_next, w_next
+        acc = _fma(acc, x, w, BLOCK_M)
+        if SILU_MUL:
+            acc_up = _fma(acc_up, x, wu, BLOCK_M)
     if DOT:
         out = acc
         if SILU_MUL:
             out_up = acc_up
+    elif BLOCK_M == 1:
+        out = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+        if SILU_MUL:
+            out_up = tl.sum(acc_up, axis=1)[None, :]
     else:
         out = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
         if SILU_MUL:
@@ -165,7 +201,10 @@ def _gemv_kernel(
     col_mask = offs_n[None, :] < N
     last = True
     if SPLIT_K > 1:
-        PARTS: tl.constexpr = 2 if SILU_MUL else 1
+        if SILU_MUL:
+            PARTS: tl.constexpr = 2
+        else:
+            PARTS: tl.constexpr = 1
         slab = BLOCK_M * N
         tl.store(part_ptr + (pid_k * PARTS) * slab + offs_mn, out, mask=col_mask)
         if SILU_MUL:

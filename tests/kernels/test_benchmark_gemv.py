@@ -8,6 +8,8 @@ import argparse
 import json
 import time
 
+import torch
+
 from shoal.cluster.bench import kernels as bench_kernels
 from shoal.kernels import benchmark_gemv as bg
 from shoal.kernels.gemv import GemvConfig
@@ -31,7 +33,8 @@ def test_gemv_bench_path_on_cpu(tmp_path, capsys):
     grid = lambda n, k, m, sms: [GemvConfig(16, 32, 1, 4, 3), GemvConfig(8, 16, 2, 4, 3)]  # noqa: E731
     out = tmp_path / "gemv.json"
     args = _args("--gemv", "--gemv-ms", "1,2", "--result-file", str(out))
-    payload = bench_kernels.run_gemv(args, copy_GBps=10.0, device="cpu", timer=_wall_timer, grid=grid,
+    device = torch.get_default_device().type  # cpu (interpreted) here, cuda when the tests run compiled
+    payload = bench_kernels.run_gemv(args, copy_GBps=10.0, device=device, timer=_wall_timer, grid=grid,
                                      shapes=shapes)
     rows = payload["measurements"]
     # per shape and M: cuBLAS (torch), two grid configs, two stage variants of the best one

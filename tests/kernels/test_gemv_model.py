@@ -23,7 +23,7 @@ SMALL = G.GemvConfig(block_n=16, block_k=16, split_k=2)
 
 
 def _run(model, ids):
-    kv = allocate_kv_caches(model, 4, 16, torch.float32, torch.device("cpu"))
+    kv = allocate_kv_caches(model, 4, 16, torch.float32, torch.get_default_device())  # cuda when compiled
     n = len(ids)
     meta = AttentionMetadata(torch.arange(n), torch.tensor([0, n], dtype=torch.int32),
                              torch.tensor([n], dtype=torch.int32), torch.tensor([[0, 1]], dtype=torch.int32), n, n)
