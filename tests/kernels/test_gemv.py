@@ -124,3 +124,53 @@ def test_static_choice(monkeypatch):
     y = G.linear(x.unsqueeze(0), w, b)  # through the kernel, leading dims kept
     assert y.shape == (1, 3, 32)
     _check(y[0], reference.gemv(x, w, b), torch.bfloat16)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, DOT, SILU_MUL, HAS_BIAS, EVEN_K, EVEN_N): each branch of the kernel
+COMPILE_CASES = [(1, 16, 256, 4, False, True, True, False, False), (4, 16, 128, 2, False, False, False, True, True),
+                 (16, 32, 128, 4, True, True, True, True, True), (16, 64, 128, 1, True, False, False, False, False)]
+
+_AOT = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from shoal.kernels.gemv import _gemv_kernel
+
+out = []
+for bm, bn, bk, split, dot, silu, bias, even_k, even_n in json.loads(sys.argv[1]):
+    sig = {name: "*bf16" for name in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")}
+    sig |= {"part_ptr": "*fp32", "count_ptr": "*i32"}
+    sig |= {name: "i32" for name in ("M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "chunks_per_split")}
+    const = dict(HAS_BIAS=bias, SILU_MUL=silu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, DOT=dot,
+                 FP32_DOT=False, EVEN_K=even_k, EVEN_N=even_n)
+    sig |= {name: "constexpr" for name in const}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 8, 9, 10, 11)}
+    src = ASTSource(_gemv_kernel, sig, const, aligned)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    out.append(k.asm["ptx"])
+print(json.dumps(out))
+"""
+
+
+def test_compiles_for_hopper():
+    """The interpreter runs Python, not Triton's compiled frontend, which is stricter (one return type per
+    function, static vs dynamic ifs): compile for sm_90 ahead of time, no GPU needed. In a subprocess:
+    this one's Triton is the interpreter's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the other tests run compiled")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, "-P", "-c", _AOT, json.dumps(COMPILE_CASES)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode and ("ImportError" in proc.stderr or "unexpected keyword" in proc.stderr):
+        pytest.skip(f"this Triton has another ahead-of-time API: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case, ptx in zip(COMPILE_CASES, json.loads(proc.stdout)):
+        assert "ld.global.v4" in ptx or "cp.async" in ptx, case  # W streams in 16-byte vectors
+        if case[3] > 1:  # the last program's handshake: acquire-release counter, partials read past L1
+            assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, case
