@@ -8,7 +8,8 @@ events, median of trials). Weights smaller than ``rotate_bytes`` (3x the 50 MB L
 cycled through several copies, so each call reads its weight from HBM as the model does (x and y stay
 small and may hit L2, as in the model). After timing, each config runs again and must give the same bits
 (split-K's counters reset, its reduction is deterministic). Phase 1 sweeps tiles and split-K at 3 stages;
-phase 2 re-times the best tile at 2 and 4 stages. ``budget_s`` bounds the sweep: past it, remaining
+phase 2 re-times the best tile at 2 and 4 stages when it is a tl.dot one (Triton pipelines only loads
+that feed a dot; for the FMA tiles ``num_stages`` changes nothing). ``budget_s`` bounds the sweep: past it, remaining
 shapes get cuBLAS only (their rows say so).
 """
 
@@ -189,8 +190,8 @@ def bench_gemv(
             tried = [measure("triton", lambda w, b, c=cfg: kernel(x, w, b, c), cfg)
                      for cfg in grid(shape.n, shape.k, m, num_sms)]
             good = [r for r in tried if r["ok"]]
-            if good and stage_variants:
-                best = GemvConfig(**min(good, key=lambda r: r["us"])["config"])
+            best = GemvConfig(**min(good, key=lambda r: r["us"])["config"]) if good else None
+            if best is not None and best.dot:  # only tl.dot's loads are pipelined: stages mean nothing to FMA
                 for st in stage_variants:
                     if st != best.num_stages:
                         cfg = GemvConfig(**{**asdict(best), "num_stages": st})
