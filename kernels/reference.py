@@ -212,3 +212,31 @@ def sample_reference(
         gen = torch.Generator().manual_seed((seed * 1_000_003 + st) % (2**63))
         ids.append(int(torch.multinomial(probs[i], 1, generator=gen)))
     return torch.tensor(ids, dtype=torch.int64)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` (``x: [..., K]``, ``weight: [N, K]``): what ``gemv`` computes, via torch."""
+    return F.linear(x, weight, bias)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The skinny GEMM's oracle: accumulated in fp32, rounded once to x's dtype (as the kernel does)."""
+    out = x.float() @ weight.float().T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(g) * u`` of ``[g | u] = x @ weight.T + bias`` (gate rows, then up rows), all in fp32, one
+    rounding at the end (the fused kernel never rounds the projection)."""
+    out = x.float() @ weight.float().T
+    if bias is not None:
+        out = out + bias.float()
+    d = weight.shape[0] // 2
+    return (F.silu(out[:, :d]) * out[:, d:]).to(x.dtype)
+
+
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The gated MLP's first half with a fused gate/up weight: the model's reference path."""
+    return silu_and_mul(F.linear(x, weight, bias))

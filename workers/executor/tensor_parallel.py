@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -186,10 +186,13 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 class _ShardLinear(nn.Module):
-    """A linear layer over one shard; ``in/out_features`` are the shard's."""
+    """A linear layer over one shard; ``in/out_features`` are the shard's. ``linear`` is the kernel set's
+    GEMM (``KernelOps.linear``: the skinny decode kernel where it wins), F.linear by default."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: ProcessGroup):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: ProcessGroup,
+                 linear: Callable = F.linear):
         super().__init__()
+        self.linear = linear
         self.out_features, self.in_features = weight.shape
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
@@ -204,7 +207,7 @@ class RowParallelLinear(_ShardLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in_features / N] -> y: [num_tokens, out_features], the same on every rank
-        y = F.linear(x, self.weight)
+        y = self.linear(x, self.weight, None)
         dist.all_reduce(y, group=self.group)
         return y if self.bias is None else y + self.bias  # once, not N times
 
@@ -234,14 +237,15 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(_ShardLinear):
     """Each rank projects onto its vocab slice; an all-gather gives every rank the full logits."""
 
-    def __init__(self, weight: torch.Tensor, vocab_size: int, world_size: int, group: ProcessGroup):
-        super().__init__(weight, None, group)
+    def __init__(self, weight: torch.Tensor, vocab_size: int, world_size: int, group: ProcessGroup,
+                 linear: Callable = F.linear):
+        super().__init__(weight, None, group, linear)
         self.vocab_size = vocab_size
         self.world_size = world_size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_rows, hidden] -> logits: [num_rows, vocab_size]
-        local = F.linear(hidden, self.weight).contiguous()  # [num_rows, vocab_per_rank]
+        local = self.linear(hidden, self.weight, None).contiguous()  # [num_rows, vocab_per_rank]
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local, group=self.group)
         return torch.cat(parts, dim=-1)[:, : self.vocab_size]
@@ -264,9 +268,10 @@ def _column_parallel(layout: TPLayout, linear: nn.Linear, names: list[str], widt
     return _linear(shard(linear.weight, "weight"), None if linear.bias is None else shard(linear.bias, "bias"))
 
 
-def _row_parallel(layout: TPLayout, linear: nn.Linear, name: str, group: ProcessGroup) -> RowParallelLinear:
+def _row_parallel(layout: TPLayout, linear: nn.Linear, name: str, group: ProcessGroup,
+                  ops: KernelOps) -> RowParallelLinear:
     weight = shard_tensor(layout, f"{name}.weight", linear.weight.detach())
-    return RowParallelLinear(weight, None if linear.bias is None else linear.bias.detach(), group)
+    return RowParallelLinear(weight, None if linear.bias is None else linear.bias.detach(), group, ops.linear)
 
 
 def _shard_columns(layout: TPLayout, module: nn.Module, fused_attr: str, parts: tuple[str, ...], prefix: str,
@@ -283,17 +288,17 @@ def _shard_columns(layout: TPLayout, module: nn.Module, fused_attr: str, parts: 
     return tuple(len(shard_rule(layout, f"{name}.weight")[1]) for name in names)
 
 
-def _shard_layer(layout: TPLayout, layer: nn.Module, prefix: str, group: ProcessGroup) -> None:
+def _shard_layer(layout: TPLayout, layer: nn.Module, prefix: str, group: ProcessGroup, ops: KernelOps) -> None:
     attn, mlp = layer.self_attn, layer.mlp
     split = _shard_columns(layout, attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"), f"{prefix}.self_attn",
                            attn.qkv_split)
     if attn.qkv_proj is not None:  # fused at load (fusion.fuse_projections)
         attn.qkv_split = split
-    attn.o_proj = _row_parallel(layout, attn.o_proj, f"{prefix}.self_attn.o_proj", group)
+    attn.o_proj = _row_parallel(layout, attn.o_proj, f"{prefix}.self_attn.o_proj", group, ops)
     attn.num_heads, attn.num_kv_heads = layout.num_q_heads, layout.num_kv_heads
     half = mlp.gate_up_proj.out_features // 2 if mlp.gate_up_proj is not None else 0
     _shard_columns(layout, mlp, "gate_up_proj", ("gate_proj", "up_proj"), f"{prefix}.mlp", (half, half))
-    mlp.down_proj = _row_parallel(layout, mlp.down_proj, f"{prefix}.mlp.down_proj", group)
+    mlp.down_proj = _row_parallel(layout, mlp.down_proj, f"{prefix}.mlp.down_proj", group, ops)
 
 
 def apply_tensor_parallel(model: LlamaForCausalLM, rank: int, world_size: int,
@@ -308,7 +313,7 @@ def apply_tensor_parallel(model: LlamaForCausalLM, rank: int, world_size: int,
     if world_size == 1:
         return model
     for i, layer in enumerate(model.model.layers):
-        _shard_layer(layout, layer, f"model.layers.{i}", group)
+        _shard_layer(layout, layer, f"model.layers.{i}", group, model.ops)
     embed = VocabParallelEmbedding(
         shard_tensor(layout, "model.embed_tokens.weight", model.model.embed_tokens.weight.detach()),
         layout.vocab_start, group)
@@ -317,7 +322,7 @@ def apply_tensor_parallel(model: LlamaForCausalLM, rank: int, world_size: int,
         head_weight = embed.weight  # the same Parameter: still tied
     else:
         head_weight = shard_tensor(layout, "lm_head.weight", model.lm_head.weight.detach())
-    model.lm_head = ParallelLMHead(head_weight, layout.vocab_size, world_size, group)
+    model.lm_head = ParallelLMHead(head_weight, layout.vocab_size, world_size, group, model.ops.linear)
     model.tp_layout = layout
     return model
 

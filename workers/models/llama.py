@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .ops import AttentionMetadata, KernelOps
+from .ops import AttentionMetadata, KernelOps, project
 from .rotary import cos_sin_cache
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # each [num_blocks, block_size, num_kv_heads, head_dim]
@@ -56,8 +56,9 @@ class Attention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.qkv_proj(x).split(self.qkv_split, dim=-1)  # views; the kernels take strides
+            return tuple(project(self.ops, p, x) for p in (self.q_proj, self.k_proj, self.v_proj))
+        qkv = project(self.ops, self.qkv_proj, x)  # [num_tokens, q + k + v widths]
+        return qkv.split(self.qkv_split, dim=-1)  # views; the kernels take strides
 
     @property
     def num_local_kv_heads(self) -> int:
@@ -81,7 +82,7 @@ class Attention(nn.Module):
         o = self.ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                      meta.query_start_loc, self.scale, max_query_len=meta.max_query_len,
                                      max_seq_len=meta.max_seq_len)
-        return self.o_proj(o.reshape(n, -1))
+        return project(self.ops, self.o_proj, o.reshape(n, -1))
 
 
 class MLP(nn.Module):
@@ -94,11 +95,13 @@ class MLP(nn.Module):
         self.gate_up_proj: nn.Linear | None = None  # set by fusion.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
+        fused = self.gate_up_proj  # [2 * intermediate, hidden]: gate rows, then up rows
+        if fused is not None:  # one op: at decode sizes the activation rides in the GEMM's epilogue
+            act = self.ops.linear_silu_and_mul(x, fused.weight, fused.bias)  # [num_tokens, intermediate]
         else:
-            gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)
-        return self.down_proj(self.ops.silu_and_mul(gate_up))
+            gate, up = project(self.ops, self.gate_proj, x), project(self.ops, self.up_proj, x)
+            act = self.ops.silu_and_mul(torch.cat((gate, up), dim=-1))
+        return project(self.ops, self.down_proj, act)
 
 
 class DecoderLayer(nn.Module):
@@ -153,7 +156,7 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [num_rows, vocab]
+        return project(self.ops, self.lm_head, hidden).float()  # [num_rows, vocab]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the parameters; every parameter must be provided exactly once."""

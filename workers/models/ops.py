@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
 from shoal.kernels import cpu_attention, reference
 
@@ -34,6 +35,10 @@ class KernelOps:
     rotary_and_cache: Callable  # rotate q and k, write k and v to their cache slots, return q
     silu_and_mul: Callable
     paged_attention: Callable
+    # (x [..., K], weight [N, K], bias [N] | None) -> [..., N]: a projection's GEMM
+    linear: Callable
+    # (x, fused gate/up weight [2 * d, K], bias) -> silu(gate) * up, [..., d]
+    linear_silu_and_mul: Callable
 
 
 REFERENCE_OPS = KernelOps(
@@ -42,11 +47,22 @@ REFERENCE_OPS = KernelOps(
     rotary_and_cache=reference.rotary_and_cache,
     silu_and_mul=reference.silu_and_mul,
     paged_attention=reference.paged_attention,
+    linear=reference.linear,
+    linear_silu_and_mul=reference.linear_silu_and_mul,
 )
 
 
 # The reference with a batch's decode tokens attended together (``shoal.kernels.cpu_attention``).
 CPU_OPS = dataclasses.replace(REFERENCE_OPS, name="cpu", paged_attention=cpu_attention.paged_attention)
+
+
+def project(ops: KernelOps, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` with a plain ``nn.Linear``'s GEMM run by the kernel set (the skinny decode GEMM where
+    it was measured to win, cuBLAS otherwise). Any other layer (a tensor-parallel shard with its own
+    communication, a quantized layer) runs its own forward."""
+    if type(layer) is nn.Linear:
+        return ops.linear(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 def kernel_ops(name: str) -> KernelOps:
@@ -57,7 +73,7 @@ def kernel_ops(name: str) -> KernelOps:
     if name == "cpu":
         return CPU_OPS
     if name == "triton":
-        from shoal.kernels import activation, paged_attention, rmsnorm, rotary
+        from shoal.kernels import activation, gemv, paged_attention, rmsnorm, rotary
 
         return KernelOps(
             name="triton",
@@ -65,5 +81,8 @@ def kernel_ops(name: str) -> KernelOps:
             rotary_and_cache=rotary.rotary_and_cache,
             silu_and_mul=activation.silu_and_mul,
             paged_attention=paged_attention.paged_attention,
+            # per shape, statically: gemv where gemv.GEMV_TABLE lists the shape and M, else cuBLAS
+            linear=gemv.linear,
+            linear_silu_and_mul=gemv.linear_silu_and_mul,
         )
     raise ValueError(f"kernels must be 'reference', 'cpu' or 'triton', got {name!r}")
