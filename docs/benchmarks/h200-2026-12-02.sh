@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of 2026-12-02 (issue 15), on the device machine, from the repo root:
 #   bash docs/benchmarks/h200-2026-12-02.sh STEP...     (results under $OUT, tarred into $OUT/results.tgz)
-# STEP: tests | gputests | base | a-repeat | async | limits | profile | profile-b | latency | serve  (each writes its logs and JSON as it finishes).
+# STEP: tests | gputests | gemv | base | a-repeat | async | limits | profile | profile-b | latency | serve  (each writes its logs and JSON as it finishes).
 # serve: `shoal serve` on the 8B shape (dummy weights, Llama 3's tokenizer from tests/data) and
 # `shoal bench serve` with exactly the dataset/config blocks of ../shared/peer/h200-2026-12-02/shoal_serve_c*.json.
 # shoal itself runs from this checkout. SERVE_FLAGS: extra `shoal serve` flags (e.g. --async-scheduling).
@@ -37,6 +37,9 @@ for s in "$@"; do
       step kernels-compiled 240 python3 -P -m pytest -q -p no:cacheprovider tests/kernels
       step kernels-interpret 300 env SHOAL_KERNEL_TESTS=interpret python3 -P -m pytest -q -p no:cacheprovider tests/kernels
       step gpu-tests 240 python3 -P -m pytest -q -p no:cacheprovider tests/gpu ;;
+    gemv)  # the skinny-GEMM kernel compiled on the GPU, then its sweep against cuBLAS (prints GEMV_TABLE)
+      step gemv-tests 180 python3 -P -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py tests/kernels/test_gemv_model.py tests/kernels/test_benchmark_gemv.py
+      step gemv-sweep 330 shoal bench kernels --gemv --result-file "$OUT/r/gemv.json" ;;
     gputests)
       step gpu-tests 240 python3 -P -m pytest -q -p no:cacheprovider tests/gpu ;;
     base)
