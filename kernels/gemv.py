@@ -61,7 +61,53 @@ class GemvConfig:
 # (op, N, K) -> {M bucket (1, 2, 4, 8): config}. An entry means "measured: beats cuBLAS at this shape";
 # a missing shape or bucket runs cuBLAS. N is the weight's row count (2 * d for "gate_up_silu").
 # Fill from `shoal bench kernels --gemv` on the target GPU (it prints these lines).
-GEMV_TABLE: dict[tuple[str, int, int], dict[int, GemvConfig]] = {}
+GEMV_TABLE: dict[tuple[str, int, int], dict[int, GemvConfig]] = {
+    ('gate_up_silu', 9728, 896): {
+        1: GemvConfig(block_n=16, block_k=256, split_k=1, num_warps=4, num_stages=3, dot=False),
+        2: GemvConfig(block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=4, dot=True),
+        4: GemvConfig(block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=4, dot=True),
+        8: GemvConfig(block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=4, dot=True),
+    },
+    ('gate_up_silu', 28672, 4096): {
+        1: GemvConfig(block_n=32, block_k=128, split_k=1, num_warps=4, num_stages=3, dot=True),
+    },
+    ('linear', 896, 896): {
+        1: GemvConfig(block_n=8, block_k=512, split_k=1, num_warps=4, num_stages=3, dot=False),
+        2: GemvConfig(block_n=8, block_k=256, split_k=1, num_warps=4, num_stages=3, dot=False),
+        8: GemvConfig(block_n=32, block_k=128, split_k=1, num_warps=4, num_stages=4, dot=True),
+    },
+    ('linear', 896, 4864): {
+        1: GemvConfig(block_n=16, block_k=256, split_k=16, num_warps=4, num_stages=3, dot=False),
+        2: GemvConfig(block_n=32, block_k=128, split_k=16, num_warps=4, num_stages=3, dot=True),
+        4: GemvConfig(block_n=32, block_k=128, split_k=16, num_warps=4, num_stages=3, dot=True),
+        8: GemvConfig(block_n=32, block_k=128, split_k=16, num_warps=4, num_stages=3, dot=True),
+    },
+    ('linear', 1152, 896): {
+        1: GemvConfig(block_n=8, block_k=512, split_k=1, num_warps=4, num_stages=3, dot=False),
+        2: GemvConfig(block_n=32, block_k=64, split_k=8, num_warps=4, num_stages=3, dot=True),
+        4: GemvConfig(block_n=32, block_k=64, split_k=8, num_warps=4, num_stages=4, dot=True),
+        8: GemvConfig(block_n=32, block_k=64, split_k=8, num_warps=4, num_stages=3, dot=True),
+    },
+    ('linear', 4096, 4096): {
+        1: GemvConfig(block_n=16, block_k=512, split_k=1, num_warps=8, num_stages=3, dot=False),
+        2: GemvConfig(block_n=32, block_k=128, split_k=4, num_warps=4, num_stages=3, dot=True),
+        4: GemvConfig(block_n=32, block_k=128, split_k=4, num_warps=4, num_stages=3, dot=True),
+        8: GemvConfig(block_n=32, block_k=128, split_k=4, num_warps=4, num_stages=3, dot=True),
+    },
+    ('linear', 4096, 14336): {
+        1: GemvConfig(block_n=16, block_k=512, split_k=1, num_warps=8, num_stages=3, dot=False),
+        8: GemvConfig(block_n=32, block_k=128, split_k=4, num_warps=4, num_stages=3, dot=True),
+    },
+    ('linear', 9728, 896): {
+        1: GemvConfig(block_n=16, block_k=256, split_k=1, num_warps=4, num_stages=3, dot=False),
+    },
+    ('linear', 128256, 4096): {
+        1: GemvConfig(block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=3, dot=True),
+        2: GemvConfig(block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=4, dot=True),
+        4: GemvConfig(block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=4, dot=True),
+        8: GemvConfig(block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=4, dot=True),
+    },
+}
 
 
 def m_bucket(m: int) -> int:
