@@ -101,6 +101,24 @@ def test_prompt_logprobs_on_completion_choices_and_the_chat_response(client, smo
     assert all(len(e) == 1 for e in scored[1:])
 
 
+def test_prompt_logprobs_stream_once_per_completion_choice_and_once_per_chat(client, smol_tokenizer):
+    ids = smol_tokenizer.encode(PARIS)
+    chunks = [ch for ch in client.completions.create(model=MODEL, prompt=PARIS, max_tokens=3, temperature=0, n=2,
+                                                      stream=True, extra_body={"prompt_logprobs": 1})
+              if ch.choices]
+    carried = [(ch.choices[0].index, ch.choices[0].model_extra.get("prompt_logprobs")) for ch in chunks]
+    per_choice = {i: [p for j, p in carried if j == i and p is not None] for i in (0, 1)}
+    assert all(len(found) == 1 and len(found[0]) == len(ids) for found in per_choice.values())
+    whole = client.completions.create(model=MODEL, prompt=PARIS, max_tokens=3, temperature=0,
+                                      extra_body={"prompt_logprobs": 1})
+    assert per_choice[0][0] == whole.choices[0].model_extra["prompt_logprobs"]
+    chat = list(client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, n=2, stream=True,
+                                               messages=[{"role": "user", "content": "Say hi"}],
+                                               extra_body={"prompt_logprobs": 0}))
+    found = [ch.model_extra["prompt_logprobs"] for ch in chat if ch.model_extra.get("prompt_logprobs")]
+    assert len(found) == 1 and found[0][0] is None
+
+
 def test_echo_with_logprobs_scores_the_prompt_tokens_first(client, smol_tokenizer):
     ids = smol_tokenizer.encode(PARIS)
     r = client.completions.create(model=MODEL, prompt=PARIS, max_tokens=2, temperature=0, echo=True, logprobs=1,

@@ -179,8 +179,9 @@ class Scheduler:
             if not self.kv_cache.allocate_slots(request, n, hits):
                 break
             self.waiting.pop(0)
-            self.stats.num_prefix_queries += request.num_tokens
-            self.stats.num_prefix_hits += num_hit
+            if not request.wants_prompt_logprobs:  # looked up in the cache (the hit rate's queries)
+                self.stats.num_prefix_queries += request.num_tokens
+                self.stats.num_prefix_hits += num_hit
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
