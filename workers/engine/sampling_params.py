@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 from .invalid_param import InvalidParam
 from .structured_outputs import StructuredOutputs
@@ -63,6 +63,7 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()  # from bad_words (the tokenizer's), or given
     prompt_logprobs: int | None = None
+    has_token_filters: ClassVar[bool] = False  # set per instance: logit_bias, allowed or bad words
 
     def __post_init__(self) -> None:
         # Accept lists / a single string for convenience; store tuples so the object stays hashable.
@@ -119,6 +120,9 @@ class SamplingParams:
         _check(all(w and min(w) >= 0 for w in seqs), "bad_words",
                "token sequences that are not empty, of ids >= 0", self.bad_words_token_ids)
         object.__setattr__(self, "bad_words_token_ids", seqs)
+        # Read per row per step by the sampler: one attribute, not three tests (not a field: derived).
+        object.__setattr__(self, "has_token_filters",
+                           bool(self.logit_bias) or self.allowed_token_ids is not None or bool(seqs))
 
     def check_vocab(self, vocab_size: int) -> None:
         """``InvalidParam`` naming the field when a token id of a filter is outside ``[0, vocab_size)``."""

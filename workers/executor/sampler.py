@@ -315,9 +315,10 @@ class Sampler:
         if not rows:
             return torch.empty(0, dtype=torch.int64, device=logits.device)
         x = apply_penalties(logits, rows)  # float32 copy
-        apply_logit_bias(x, rows)
-        apply_allowed_token_ids(x, rows)
-        apply_bad_words(x, rows)
+        if any(r.params.has_token_filters for r in rows):
+            apply_logit_bias(x, rows)
+            apply_allowed_token_ids(x, rows)
+            apply_bad_words(x, rows)
         apply_min_tokens(x, rows)
         if mask is not None:
             apply_token_mask(x, mask)
