@@ -279,10 +279,6 @@ class _SamplingRequest(_Request):
         """Children per prompt (completions' best_of may ask for more than the n returned)."""
         return self.n
 
-    @property
-    def echo_logprobs(self) -> bool:
-        return False
-
     def request_field(self, sampling_field: str) -> str:
         """The name this request gives a ``SamplingParams`` field (for the ``param`` of its errors)."""
         if sampling_field.startswith("structured_outputs."):

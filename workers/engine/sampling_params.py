@@ -90,7 +90,6 @@ class SamplingParams:
         _check(all(s for s in self.stop), "stop", "a list of non-empty strings", self.stop)
         _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
                "structured_outputs", "a StructuredOutputs or None", self.structured_outputs)
-
         _check(self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", ">= 0",
                self.prompt_logprobs)
 
@@ -167,6 +166,6 @@ def bad_words_token_ids(words: Sequence[str], encode: Callable[[str], Sequence[i
         bare = tuple(encode(word.lstrip()))
         out.append(bare)
         spaced = tuple(encode(" " + word.lstrip()))
-        if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+        if bare and spaced and spaced[0] != bare[0] and len(spaced) == len(bare):  # (an empty one is refused)
             out.append(spaced)
     return tuple(out)
