@@ -114,3 +114,12 @@ def test_filters_are_hashable_and_vocab_checked():
         p.check_vocab(5)
     with pytest.raises(ValueError, match="allowed_token_ids"):
         SamplingParams(allowed_token_ids=[9]).check_vocab(5)
+
+
+def test_filters_come_before_the_penalties_as_in_vllm():
+    x = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    r = SamplingRow(SamplingParams(logit_bias={1: 4.5}, allowed_token_ids=(0, 1, 2), repetition_penalty=2.0,
+                                   temperature=0), (1,), (1,))
+    # token 3 is not allowed; token 1: (-2 + 4.5) / 2 = 1.25 beats token 0's 1.0 (penalising first would
+    # give -2 * 2 + 4.5 = 0.5, and token 0)
+    assert Sampler()(x, [r]).token_ids == [1]

@@ -4,12 +4,12 @@ Order of the logit transforms (vLLM v1 / OpenAI semantics):
 
 1. logprobs are taken from the *raw* logits (``log_softmax`` of the model output), before anything
    below changes them, so they describe the model, not the sampling rules;
-2. penalties: repetition (CTRL: divide positive / multiply negative logits of tokens seen in the
+2. token filters of the rows that set them (others are not touched), in vLLM's order: tokens
+   outside ``allowed_token_ids`` and the last token of each bad word whose other tokens end the
+   output (a one-token word: always) set to ``-inf``, then ``logit_bias`` added;
+3. penalties: repetition (CTRL: divide positive / multiply negative logits of tokens seen in the
    prompt or the output), frequency (``count * penalty`` over the output), presence (``penalty``
    once per token present in the output);
-3. token filters of the rows that set them (others are not touched): ``logit_bias`` added,
-   tokens outside ``allowed_token_ids`` and the last token of each bad word whose other tokens end
-   the output (a one-token word: always) set to ``-inf``;
 4. ``min_tokens``: stop ids, and eos ids unless ``ignore_eos``, are set to ``-inf`` while the output
    is shorter than ``min_tokens`` (``ignore_eos`` only means "do not stop at eos": it never masks);
    then the grammar mask of constrained rows (structured output) sets every token it forbids to ``-inf``;
@@ -92,13 +92,14 @@ def _row_token_index(
     return torch.from_numpy(rows), torch.from_numpy(flat)
 
 
-def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Repetition, then frequency, then presence penalties; returns new float32 logits [B, V].
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow], inplace: bool = False) -> torch.Tensor:
+    """Repetition, then frequency, then presence penalties; returns new float32 logits [B, V]
+    (``inplace``: the given float32 logits, changed).
 
     Only rows with a penalty set are touched; the others keep their logits bit for bit.
     """
     # logits: [B, V]
-    out = logits.to(torch.float32, copy=True)
+    out = logits if inplace else logits.to(torch.float32, copy=True)
     vocab = out.shape[1]
     picked = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
     if not picked:
@@ -314,11 +315,14 @@ class Sampler:
         the grammar's allowed tokens for the constrained rows."""
         if not rows:
             return torch.empty(0, dtype=torch.int64, device=logits.device)
-        x = apply_penalties(logits, rows)  # float32 copy
-        if any(r.params.has_token_filters for r in rows):
-            apply_logit_bias(x, rows)
+        if any(r.params.has_token_filters for r in rows):  # before the penalties, as vLLM's
+            x = logits.to(torch.float32, copy=True)
             apply_allowed_token_ids(x, rows)
             apply_bad_words(x, rows)
+            apply_logit_bias(x, rows)
+            apply_penalties(x, rows, inplace=True)
+        else:
+            x = apply_penalties(logits, rows)  # float32 copy
         apply_min_tokens(x, rows)
         if mask is not None:
             apply_token_mask(x, mask)
