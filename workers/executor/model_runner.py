@@ -43,8 +43,8 @@ class CachedRequestState:
     num_computed_tokens: int
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None = None
-    needs_history: bool = False  # its sampler reads the output ids on the host (penalties, min_tokens,
-    # a grammar, a bad word of several tokens)
+    # its sampler reads the output ids on the host (penalties, min_tokens, a grammar, a multi-token bad word)
+    needs_history: bool = False
     grammar: SequenceGrammar | None = None  # structured output: its place in its grammar
     num_pending: int = 0  # tokens sampled by submitted steps, not collected yet
     pending_row: int = -1  # its row in the last submitted step's sampled ids
@@ -322,7 +322,7 @@ class ModelRunner:
             k = state.params.prompt_logprobs
             if k is not None and start < state.num_prompt_tokens - 1:
                 prompt_plan = prompt_plan or prompt_logprobs.PromptLogprobsPlan()
-                prompt_plan.add(rid, state.token_ids[:state.num_prompt_tokens], start, end, t, k)
+                prompt_plan.add(rid, state.token_ids, state.num_prompt_tokens, start, end, t, k)
             t += n
             state.num_computed_tokens = end
             if end == known + state.num_pending:  # caught up: this step yields its next token

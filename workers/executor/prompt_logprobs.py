@@ -31,15 +31,16 @@ class PromptLogprobsPlan:
     hidden_rows: list[int] = field(default_factory=list)  # flat token positions of the step's hidden states
     targets: list[int] = field(default_factory=list)  # the prompt token each position predicts
 
-    def add(self, request_id: str, prompt: list[int], start: int, end: int, flat_start: int, k: int) -> None:
+    def add(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, start: int, end: int,
+            flat_start: int, k: int) -> None:
         """Positions ``[start, end)`` of a request were computed at flat rows ``flat_start..``; score the
         prompt tokens they predict (none for the position of the last prompt token: it samples)."""
-        last = min(end, len(prompt) - 1)
+        last = min(end, num_prompt_tokens - 1)
         if last <= start:
             return
         self.spans.append((request_id, start + 1, last - start, k))
         self.hidden_rows.extend(range(flat_start, flat_start + last - start))
-        self.targets.extend(prompt[start + 1:last + 1])
+        self.targets.extend(token_ids[start + 1:last + 1])
 
 
 @dataclass(frozen=True)
