@@ -56,7 +56,7 @@ from .respond import hold_for_worker, respond
 from .responses import ChatBuilder, CompletionBuilder
 from .tokenization import Prompt, RouterTokenizer
 from .validation import (check_limits, check_model, child_params, read_request, resolve_max_tokens, run_tokenizer,
-                         sampling_params)
+                         sampling_params, token_filters)
 
 # Paths that answer without the API key: probes and scrapers carry none, and the schema describes only.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs",
@@ -121,8 +121,8 @@ def _add_generation_routes(app: FastAPI, ctx: RouterContext) -> None:
                                       errors=ValueError)
         gen = _generation(ctx, request, req, params, "completions", prompts, "prompt",
                           cfg.default_completion_max_tokens)
-        return await respond(request, ctx, gen, CompletionBuilder(gen, model, tok, req.echo), req.stream,
-                             req.include_usage)
+        return await respond(request, ctx, gen, CompletionBuilder(gen, model, tok, req.echo, req.logprobs,
+                                                                  req.prompt_logprobs), req.stream, req.include_usage)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -136,7 +136,8 @@ def _add_generation_routes(app: FastAPI, ctx: RouterContext) -> None:
                                      req.continue_final_message, req.chat_template_kwargs, field="messages",
                                      prefix="messages: the chat template failed: ")
         gen = _generation(ctx, request, req, params, "chat_completions", [prompt], "messages", None)
-        return await respond(request, ctx, gen, ChatBuilder(gen, model, tok), req.stream, req.include_usage)
+        return await respond(request, ctx, gen, ChatBuilder(gen, model, tok, req.prompt_logprobs), req.stream,
+                             req.include_usage)
 
 
 def _generation(ctx: RouterContext, request: Request, req: CompletionRequest | ChatCompletionRequest,
@@ -148,7 +149,10 @@ def _generation(ctx: RouterContext, request: Request, req: CompletionRequest | C
     request id (``X-Request-Id``) prefixes the children's ids; a client's own id may repeat, so it gets
     a unique suffix (a worker refuses a request id already in use).
     """
-    check_limits(ctx.config, req.n, len(prompts), req.requested_logprobs, req.stop_list, req.logprobs_field)
+    n_field = "best_of" if req.num_candidates > req.n else "n"
+    check_limits(ctx.config, req.num_candidates, len(prompts), req.requested_logprobs, req.stop_list,
+                 req.logprobs_field, n_field, req.prompt_logprobs)
+    params = token_filters(req, params, ctx.tok)
     max_tokens = resolve_max_tokens(ctx, prompts, req.requested_max_tokens, default_max_tokens, prompt_field,
                                     req.max_tokens_field)
     params = child_params(req, params, max_tokens)
@@ -157,7 +161,8 @@ def _generation(ctx: RouterContext, request: Request, req: CompletionRequest | C
     request_id = None
     if record is not None:
         request_id = f"{record.request_id}-{uuid.uuid4().hex[:8]}" if record.from_client else record.request_id
-    gen = Generation(ctx, endpoint, prompts, params, req.n, session_key, req.priority, request_id=request_id)
+    gen = Generation(ctx, endpoint, prompts, params, req.n, session_key, req.priority, request_id=request_id,
+                     best_of=req.num_candidates)
     if record is not None:
         def usage() -> tuple[int, int]:  # read when the access line is written: final for a stream too
             u = gen.usage()

@@ -28,6 +28,9 @@ class Choice:
     num_cached_tokens: int = 0
     last_token_at: float | None = None
     worker_id: str | None = None
+    show_logprobs: bool = True  # False: logprobs asked for only to rank best_of candidates
+    # prompt tokens 1.. (the first has none), once its worker sent them; None until then or if not asked
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -49,19 +52,32 @@ class Choice:
     def wants_logprobs(self) -> bool:
         return self.request.sampling.logprobs is not None
 
+    @property
+    def shows_logprobs(self) -> bool:
+        """The client asked for the generated tokens' logprobs."""
+        return self.wants_logprobs and self.show_logprobs
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(lp.logprob for lp in self.logprobs)
+
     def fold(self, delta: TokenDelta) -> Event | None:
         """Take in one delta; the event for the client, or None when it shows nothing new.
 
         A stop string found here finishes the choice even though its worker is still generating.
         """
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
+        new_prompt_logprobs = None
+        if (self.prompt_logprobs is None and self.request.sampling.prompt_logprobs is not None
+                and (delta.token_ids or delta.finish_reason is not None)):  # they come with the first token
+            self.prompt_logprobs = new_prompt_logprobs = tuple(delta.prompt_logprobs)
         self.completion.update(delta.token_ids, delta.finish_reason, delta.stop_reason)
         text = self.completion.text(delta=True)
         self.text += text
         logprobs = tuple(delta.logprobs) if self.wants_logprobs else ()
         self.logprobs.extend(logprobs)
-        if text or logprobs or self.finished:
-            return Event(self, text, logprobs, self.finished)
+        if text or logprobs or self.finished or new_prompt_logprobs is not None:
+            return Event(self, text, logprobs, self.finished, prompt_logprobs=new_prompt_logprobs)
         return None
 
 
@@ -74,3 +90,4 @@ class Event:
     logprobs: tuple[TokenLogprob, ...] = ()
     finished: bool = False
     error: ApiError | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # the choice's prompt logprobs, on its first event

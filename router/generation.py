@@ -12,6 +12,9 @@ A request flows one way through the router, each step in its own module:
 
 The ``n`` children of a prompt go to its first-ranked worker, which then shares their prefix blocks;
 their sampling params come from ``sibling_params`` (seed + i), the engine's own fan-out rule.
+``best_of`` (completions) is the same fan-out with more children than are returned: each then also
+reports its tokens' logprobs, and :meth:`Generation.final_choices` keeps the ``n`` of each prompt
+with the highest cumulative logprob (OpenAI's and vLLM's rule).
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ class Generation:
     what the responder reads; :meth:`cancel` stops them all (each aborts on its worker)."""
 
     def __init__(self, ctx: RouterContext, endpoint: str, prompts: list[Prompt], params: SamplingParams, n: int,
-                 session_key: str | None, priority: int, request_id: str | None = None) -> None:
+                 session_key: str | None, priority: int, request_id: str | None = None,
+                 best_of: int | None = None) -> None:
         self.ctx, self.endpoint, self.prompts, self.params, self.n = ctx, endpoint, prompts, params, n
+        self.best_of = max(best_of or n, n)  # children per prompt
         self.session_key, self.priority = session_key, priority
         # The prefix of every child's request id (logs, workers); unique per generation.
         self.id = request_id or uuid.uuid4().hex
@@ -64,9 +69,10 @@ class Generation:
         ranked = plan.rank_all(self.ctx, self.id, self.prompts, self.session_key)
         for p, (preq, workers) in enumerate(ranked):
             prompt_plan = plan.plan_prompt(self.ctx, p, preq, workers)  # after the previous prefill started
-            siblings = [self._new_choice(p, i, preq.prompt_token_ids) for i in range(self.n)]
+            siblings = [self._new_choice(p, i, preq.prompt_token_ids) for i in range(self.best_of)]
             prefill = None
-            if prompt_plan.prefill_worker is not None:
+            # Prompt logprobs need the prompt computed where it decodes: a prefill worker's blocks would not do.
+            if prompt_plan.prefill_worker is not None and self.params.prompt_logprobs is None:
                 req = dataclasses.replace(siblings[0].request, request_id=f"{self.id}-p{p}-prefill")
                 prefill = PrefillCall(self.ctx, prompt_plan.prefill_worker, req)
             group = PromptGroup(prompt_plan, prefill)
@@ -113,6 +119,18 @@ class Generation:
         self.ctx.metrics.e2e.labels(self.endpoint).observe(self.ctx.clock() - self.arrival)
         self.ctx.metrics.observe_reported_cached(self.cached_tokens())
 
+    def final_choices(self) -> list[tuple[int, Choice]]:
+        """(response index, choice) of the choices the answer returns: all of them, or with best_of the
+        ``n`` of each prompt with the highest cumulative logprob, best first."""
+        if self.best_of == self.n:
+            return [(c.index, c) for c in self.choices]
+        out = []
+        for p in range(len(self.prompts)):
+            candidates = [c for c in self.choices if c.prompt_index == p]
+            best = sorted(candidates, key=lambda c: c.cumulative_logprob, reverse=True)[:self.n]
+            out += [(p * self.n + j, c) for j, c in enumerate(best)]
+        return out
+
     def cached_tokens(self) -> int:
         """Per prompt, the most cached tokens any of its choices reported (siblings share a prefix)."""
         best: dict[int, int] = {}
@@ -128,6 +146,10 @@ class Generation:
 
     def _new_choice(self, prompt_index: int, sibling: int, prompt_ids: tuple[int, ...]) -> Choice:
         params = sibling_params(self.params, sibling)
-        index = prompt_index * self.n + sibling
+        shown = True
+        if self.best_of > self.n and params.logprobs is None:  # ranking needs the sampled tokens' logprobs
+            params, shown = params.replace(logprobs=0), False
+        index = prompt_index * self.best_of + sibling
         req = GenerateRequest(f"{self.id}-{index}", prompt_ids, params, self.priority)
-        return Choice(index, prompt_index, req, CompletionState(self.ctx.tok.detokenizer(prompt_ids, params)))
+        return Choice(index, prompt_index, req, CompletionState(self.ctx.tok.detokenizer(prompt_ids, params)),
+                      show_logprobs=shown)

@@ -110,14 +110,10 @@ class StreamOptions(_Request):
 
 
 _SAMPLING_UNSUPPORTED: dict[str, tuple[tuple, str]] = {
-    "logit_bias": (({},), "logit_bias"),
     "guided_decoding_backend": ((), "guided_decoding_backend (shoal has one grammar engine, llguidance)"),
     "guided_whitespace_pattern": ((), "guided_whitespace_pattern"),
     "use_beam_search": ((False,), "beam search"),
     "length_penalty": ((1, 1.0), "length_penalty (beam search)"),
-    "prompt_logprobs": ((), "prompt_logprobs"),
-    "bad_words": (([],), "bad_words"),
-    "allowed_token_ids": ((), "allowed_token_ids"),
     "logits_processors": ((), "logits_processors"),
     "truncate_prompt_tokens": ((), "truncate_prompt_tokens"),
     "return_tokens_as_token_ids": ((False,), "return_tokens_as_token_ids"),
@@ -205,6 +201,11 @@ class _SamplingRequest(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0
+    # token filters: OpenAI's logit_bias (token id string -> bias in [-100, 100]), vLLM's others
+    logit_bias: dict[str, Any] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
     # structured output (one of these at most); response_format is OpenAI's, the rest vLLM's
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParams | None = None
@@ -273,6 +274,11 @@ class _SamplingRequest(_Request):
     def max_tokens_field(self) -> str:
         return "max_tokens"
 
+    @property
+    def num_candidates(self) -> int:
+        """Children per prompt (completions' best_of may ask for more than the n returned)."""
+        return self.n
+
     def request_field(self, sampling_field: str) -> str:
         """The name this request gives a ``SamplingParams`` field (for the ``param`` of its errors)."""
         if sampling_field.startswith("structured_outputs."):
@@ -313,7 +319,16 @@ class _SamplingRequest(_Request):
             logprobs=self.requested_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             structured_outputs=structured,
+            logit_bias=self.logit_bias or (),
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=tuple(self.bad_words or ()),
+            prompt_logprobs=self.engine_prompt_logprobs,
         )
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """The prompt logprobs the engine computes (completions' echo with logprobs needs them too)."""
+        return self.prompt_logprobs
 
 
 def _constraint(key: str, value: Any):
@@ -335,7 +350,7 @@ _PROMPT_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
 
 class CompletionRequest(_SamplingRequest):
     unsupported: ClassVar[dict[str, tuple[tuple, str]]] = {
-        **_SAMPLING_UNSUPPORTED, "suffix": (("",), "suffix (insertion)"), "best_of": ((1,), "best_of > 1")}
+        **_SAMPLING_UNSUPPORTED, "suffix": (("",), "suffix (insertion)")}
 
     # str | list[str] | list[int] | list[list[int]]; checked by _prompt_shape (pydantic's union
     # errors would name four branches instead of the field).
@@ -343,6 +358,7 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = None
     logprobs_field: ClassVar[str] = "logprobs"
     echo: bool = False
+    best_of: int | None = None  # candidates per prompt (>= n); the n with the highest cumulative logprob return
 
     @field_validator("prompt")
     @classmethod
@@ -365,11 +381,33 @@ class CompletionRequest(_SamplingRequest):
                          "or list of token-id lists")
 
     @model_validator(mode="after")
-    def _echo(self):
-        if self.echo and self.logprobs is not None:
-            raise InvalidParam("echo", "echo: echo together with logprobs (prompt logprobs) is not supported "
-                                       "by shoal")
+    def _best_of(self):
+        if self.best_of is None:
+            return self
+        if self.best_of < 1:
+            raise InvalidParam("best_of", f"best_of: must be >= 1, got {self.best_of}")
+        if self.best_of < self.n:
+            raise InvalidParam("best_of", f"best_of: must be >= n ({self.n}), got {self.best_of}")
+        if self.stream and self.best_of > 1:
+            raise InvalidParam("best_of", "best_of: cannot be used with stream (the best candidates are known "
+                                          "only once all have finished); use n")
         return self
+
+    @property
+    def num_candidates(self) -> int:
+        """Children per prompt: best_of when set, else n."""
+        return self.best_of or self.n
+
+    @property
+    def echo_logprobs(self) -> bool:
+        """echo with logprobs: the echoed prompt tokens carry logprobs too (from prompt logprobs)."""
+        return self.echo and self.logprobs is not None
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        if not self.echo_logprobs:
+            return self.prompt_logprobs
+        return max(self.logprobs, self.prompt_logprobs or 0)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list: one entry per prompt (text or token ids)."""
@@ -505,12 +543,29 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob``: one token's entry in ``prompt_logprobs`` (keyed by its token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: one entry per prompt token, null for the first; present only when asked for
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
+def _absent_unless_set():
+    return Field(None, exclude_if=lambda v: v is None)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = _absent_unless_set()
 
 
 class CompletionResponse(BaseModel):
@@ -558,6 +613,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = _absent_unless_set()  # vLLM's place: the response (one prompt)
 
 
 class ChatStreamChoice(BaseModel):
@@ -575,6 +631,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = _absent_unless_set()  # once, on the first chunk that has them
 
 
 class CompletionChunk(BaseModel):

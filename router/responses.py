@@ -14,7 +14,8 @@ from pydantic import BaseModel
 from .choice import Choice, Event
 from .openai_protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionResponse,
                               ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
-                              CompletionChunk, CompletionLogprobs, CompletionResponse, TopLogprob, Usage)
+                              CompletionChunk, CompletionLogprobs, CompletionResponse, PromptLogprob,
+                              PromptLogprobs, TopLogprob, Usage)
 from .tokenization import Prompt, RouterTokenizer
 
 if TYPE_CHECKING:
@@ -39,10 +40,25 @@ class _Builder:
     id_prefix: str
     chunk_type: type[ChatCompletionChunk] | type[CompletionChunk]
 
-    def __init__(self, gen: Generation, model: str, tok: RouterTokenizer) -> None:
+    def __init__(self, gen: Generation, model: str, tok: RouterTokenizer, prompt_logprobs: int | None = None) -> None:
         self.gen, self.model, self.tok = gen, model, tok
+        self.prompt_logprobs = prompt_logprobs  # top-k the client asked for in prompt_logprobs, None: not asked
         self.id = f"{self.id_prefix}-{gen.id}"
         self.created = int(time.time())
+
+    def _prompt_logprobs(self, lps) -> PromptLogprobs | None:
+        """vLLM's shape: null for the first prompt token, then {token id: logprob, rank, decoded_token}
+        holding the prompt token and the top ``prompt_logprobs``."""
+        if self.prompt_logprobs is None or lps is None:
+            return None
+        out: PromptLogprobs = [None]
+        for lp in lps:
+            entry = {str(lp.token_id): PromptLogprob(logprob=lp.logprob, rank=lp.rank,
+                                                     decoded_token=self.tok.token_str(lp.token_id))}
+            for rank, (t, v) in enumerate(lp.top[:self.prompt_logprobs], start=1):
+                entry.setdefault(str(t), PromptLogprob(logprob=v, rank=rank, decoded_token=self.tok.token_str(t)))
+            out.append(entry)
+        return out
 
     def _envelope(self) -> dict:
         return {"id": self.id, "created": self.created, "model": self.model}
@@ -62,41 +78,86 @@ class _Builder:
 
 
 class CompletionBuilder(_Builder):
-    """``/v1/completions`` bodies: text choices, logprobs as parallel lists."""
+    """``/v1/completions`` bodies: text choices, logprobs as parallel lists.
+
+    With ``echo`` and ``logprobs`` the echoed prompt's tokens lead the logprobs lists (the first with
+    null logprobs, as OpenAI's); they come from the choice's prompt logprobs, which arrive with its
+    first token, so a stream sends the echo with the choice's first event instead of before any.
+    """
 
     id_prefix = "cmpl"
     chunk_type = CompletionChunk
 
-    def __init__(self, gen: Generation, model: str, tok: RouterTokenizer, echo: bool) -> None:
-        super().__init__(gen, model, tok)
+    def __init__(self, gen: Generation, model: str, tok: RouterTokenizer, echo: bool,
+                 logprobs: int | None = None, prompt_logprobs: int | None = None) -> None:
+        super().__init__(gen, model, tok, prompt_logprobs)
         self.echo = [self._prompt_text(p) for p in gen.prompts] if echo else None
+        self.echo_logprobs = logprobs if echo else None  # top-k of the echoed tokens, None: no logprobs
         self._offsets: dict[int, int] = {}  # choice index -> text_offset of its next token
+        self._echoed: set[int] = set()  # choices whose stream has sent the echo
 
     def start_chunks(self) -> list[BaseModel]:
-        if not self.echo:
+        if not self.echo or self.echo_logprobs is not None:
             return []
+        self._echoed.update(c.index for c in self.gen.choices)
         return [self._chunk([CompletionChoice(index=c.index, text=self.echo[c.prompt_index])])
                 for c in self.gen.choices]
 
     def event_chunk(self, ev: Event) -> BaseModel:
         c = ev.choice
-        return self._chunk([CompletionChoice(index=c.index, text=ev.text, logprobs=self._logprobs(c, ev.logprobs),
+        text, logprobs = ev.text, self._logprobs(c, ev.logprobs)
+        if self.echo and c.index not in self._echoed:  # echo with logprobs: on the choice's first event
+            self._echoed.add(c.index)
+            text = self.echo[c.prompt_index] + text
+            logprobs = self._with_echo(c, logprobs)
+        return self._chunk([CompletionChoice(index=c.index, text=text, logprobs=logprobs,
+                                             prompt_logprobs=self._prompt_logprobs(ev.prompt_logprobs),
                                              **self._ending(ev))])
 
     def response(self) -> CompletionResponse:
         choices = []
-        for c in self.gen.choices:
+        for index, c in self.gen.final_choices():
             self._offsets.pop(c.index, None)  # the whole text: offsets count from its start again
             text = (self.echo[c.prompt_index] if self.echo else "") + c.text
-            choices.append(CompletionChoice(index=c.index, text=text, logprobs=self._logprobs(c, c.logprobs),
-                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            logprobs = self._logprobs(c, c.logprobs)
+            if self.echo:
+                logprobs = self._with_echo(c, logprobs)
+            choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                            prompt_logprobs=self._prompt_logprobs(c.prompt_logprobs)))
         return CompletionResponse(**self._envelope(), choices=choices, usage=self.gen.usage())
 
     def _prompt_text(self, prompt: Prompt) -> str:
         return prompt.text if prompt.text is not None else self.tok.decode(prompt.token_ids)
 
+    def _with_echo(self, choice: Choice, generated: CompletionLogprobs | None) -> CompletionLogprobs | None:
+        """The echoed prompt tokens' logprobs (echo with logprobs), then the generated ones'."""
+        k = self.echo_logprobs
+        if k is None:
+            return generated
+        out = CompletionLogprobs()
+        ids = self.gen.prompts[choice.prompt_index].token_ids
+        scored = {i + 1: lp for i, lp in enumerate(choice.prompt_logprobs or ())}
+        offset = 0
+        for i, token_id in enumerate(ids):
+            token = self.tok.token_str(token_id)
+            lp = scored.get(i)
+            out.tokens.append(token)
+            out.text_offset.append(offset)
+            out.token_logprobs.append(lp.logprob if lp is not None else None)
+            top = None
+            if lp is not None:
+                top = {self.tok.token_str(t): v for t, v in lp.top[:k]}
+                top.setdefault(token, lp.logprob)
+            out.top_logprobs.append(top)
+            offset += len(token)
+        if generated is not None:
+            for name in ("tokens", "text_offset", "token_logprobs", "top_logprobs"):
+                getattr(out, name).extend(getattr(generated, name))
+        return out
+
     def _logprobs(self, choice: Choice, lps) -> CompletionLogprobs | None:
-        if not choice.wants_logprobs:
+        if not choice.shows_logprobs:
             return None
         out = CompletionLogprobs()
         offset = self._offsets.get(choice.index, len(self.echo[choice.prompt_index]) if self.echo else 0)
@@ -123,23 +184,31 @@ class ChatBuilder(_Builder):
         return [self._chunk([ChatStreamChoice(index=c.index, delta={"role": "assistant", "content": ""})])
                 for c in self.gen.choices]
 
+    _sent_prompt_logprobs = False  # a stream sends them once: every choice has the same prompt
+
     def event_chunk(self, ev: Event) -> BaseModel:
         c = ev.choice
-        return self._chunk([ChatStreamChoice(index=c.index, delta={"content": ev.text} if ev.text else {},
-                                             logprobs=self._logprobs(c, ev.logprobs), **self._ending(ev))])
+        chunk = self._chunk([ChatStreamChoice(index=c.index, delta={"content": ev.text} if ev.text else {},
+                                              logprobs=self._logprobs(c, ev.logprobs), **self._ending(ev))])
+        if ev.prompt_logprobs is not None and not self._sent_prompt_logprobs:
+            self._sent_prompt_logprobs = True
+            chunk.prompt_logprobs = self._prompt_logprobs(ev.prompt_logprobs)
+        return chunk
 
     def response(self) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+        choices = [ChatChoice(index=index, message=ChatResponseMessage(content=c.text),
                               logprobs=self._logprobs(c, c.logprobs), finish_reason=c.finish_reason,
-                              stop_reason=c.stop_reason) for c in self.gen.choices]
-        return ChatCompletionResponse(**self._envelope(), choices=choices, usage=self.gen.usage())
+                              stop_reason=c.stop_reason) for index, c in self.gen.final_choices()]
+        first = next((c.prompt_logprobs for c in self.gen.choices if c.prompt_logprobs is not None), None)
+        return ChatCompletionResponse(**self._envelope(), choices=choices, usage=self.gen.usage(),
+                                      prompt_logprobs=self._prompt_logprobs(first))
 
     def _entry(self, token_id: int, logprob: float) -> TopLogprob:
         token = self.tok.token_str(token_id)
         return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
 
     def _logprobs(self, choice: Choice, lps) -> ChatChoiceLogprobs | None:
-        if not choice.wants_logprobs:
+        if not choice.shows_logprobs:
             return None
         content = []
         for lp in lps:

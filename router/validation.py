@@ -24,7 +24,7 @@ from .config import RouterConfig
 from .context import RouterContext
 from .errors import ApiError, bad_value
 from .openai_protocol import _SamplingRequest, validation_error_body
-from .tokenization import Prompt
+from .tokenization import Prompt, RouterTokenizer
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -168,10 +168,15 @@ async def run_tokenizer(fn: Callable[..., T], *args: Any, field: str, prefix: st
 
 
 def check_limits(config: RouterConfig, n: int, num_prompts: int, logprobs: int | None, stop: tuple[str, ...],
-                 logprobs_field: str) -> None:
+                 logprobs_field: str, n_field: str = "n", prompt_logprobs: int | None = None) -> None:
+    """``n``: the children per prompt (``n_field`` names it: ``best_of`` when that asks for more)."""
     if n * num_prompts > config.max_n:
-        what = "n" if num_prompts == 1 else f"n times the number of prompts ({num_prompts})"
-        raise ApiError(400, f"n: {what} must be <= {config.max_n} (max_n), got {n * num_prompts}", param="n")
+        what = n_field if num_prompts == 1 else f"{n_field} times the number of prompts ({num_prompts})"
+        raise ApiError(400, f"{n_field}: {what} must be <= {config.max_n} (max_n), got {n * num_prompts}",
+                       param=n_field)
+    if prompt_logprobs is not None and prompt_logprobs > config.max_logprobs:
+        raise ApiError(400, f"prompt_logprobs: must be <= {config.max_logprobs}, got {prompt_logprobs}",
+                       param="prompt_logprobs")
     if logprobs is not None and logprobs > config.max_logprobs:
         raise ApiError(400, f"{logprobs_field}: must be <= {config.max_logprobs}, got {logprobs}",
                        param=logprobs_field)
@@ -220,6 +225,27 @@ def sampling_params(req: _SamplingRequest) -> SamplingParams:
         return req.to_sampling_params(req.requested_max_tokens)
     except ValueError as e:
         raise bad_value(e, req.request_field) from None
+
+
+def token_filters(req: _SamplingRequest, params: SamplingParams, tok: RouterTokenizer) -> SamplingParams:
+    """``params`` with its token filters checked against the vocabulary (400 naming the field) and its
+    bad words tokenized here, at the edge, as prompts are: workers get token ids."""
+    try:
+        params.check_vocab(tok.vocab_size)
+    except ValueError as e:
+        raise bad_value(e, req.request_field) from None
+    if not params.bad_words:
+        return params
+    encode = lambda text: tok.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    try:
+        resolved = params.with_bad_words_resolved(encode)
+    except ValueError as e:
+        raise bad_value(e, req.request_field) from None
+    bad = next((t for w in resolved.bad_words_token_ids for t in w if t >= tok.vocab_size), None)
+    if bad is not None:
+        raise ApiError(400, f"bad_words: token id {bad} is outside the vocabulary [0, {tok.vocab_size})",
+                       param="bad_words")
+    return resolved
 
 
 def child_params(req: _SamplingRequest, params: SamplingParams, max_tokens: int) -> SamplingParams:

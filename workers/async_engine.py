@@ -10,6 +10,7 @@ through the method set of ``EngineAccess``, which this class offers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, AsyncIterator, Callable
@@ -105,6 +106,9 @@ class AsyncEngine:
         """Stream a request's deltas; leaving the iteration early aborts it on the engine."""
         if req.sampling.n != 1:
             raise ValueError(f"a worker runs one completion per request: n must be 1, got {req.sampling.n}")
+        resolved = self.engine.resolve_params(req.sampling)
+        if resolved is not req.sampling:
+            req = dataclasses.replace(req, sampling=resolved)
         self.engine.validate(req.prompt_token_ids, req.sampling)
         if req.kv_source is not None:
             await self._import_kv(req)

@@ -197,9 +197,11 @@ class EngineThread:
             if stream is None:
                 continue
             logprobs = tuple(TokenLogprob(lp.token_id, lp.logprob, lp.rank, lp.top) for lp in out.new_logprobs)
+            prompt_lps = tuple(TokenLogprob(lp.token_id, lp.logprob, lp.rank, lp.top)
+                               for lp in out.prompt_logprobs or ())
             stop = out.stop_reason if isinstance(out.stop_reason, int) else None
             delta = TokenDelta(out.request_id, out.new_token_ids, logprobs, out.finish_reason, stop,
-                               out.num_cached_tokens)
+                               out.num_cached_tokens, prompt_logprobs=prompt_lps)
             if out.finish_reason is not None:
                 del self._streams[out.request_id]
                 if out.request_id in self._exporting:

@@ -159,6 +159,7 @@ class LLMEngine:
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams,
                     request_id: str | None = None, priority: int = 0) -> str:
         text, ids = self.encode_prompt(prompt)
+        params = self.resolve_params(params)
         self.validate(ids, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         for child_id, child_params in self.outputs.add(request_id, text, ids, params):  # the n fan-out
@@ -178,6 +179,12 @@ class LLMEngine:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         if params.logprobs is not None and params.logprobs > 20:
             raise ValueError(f"logprobs must be <= 20, got {params.logprobs}")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > 20:
+            raise InvalidParam("prompt_logprobs", f"prompt_logprobs must be <= 20, got {params.prompt_logprobs}")
+        params.check_vocab(vocab)
+        if params.bad_words and not params.bad_words_token_ids:
+            raise InvalidParam("bad_words", "bad_words: not resolved to token ids (resolve_params; the model "
+                                            "has no tokenizer)")
         if params.structured_outputs is not None:
             if self.grammar is None:
                 why = "tensor_parallel_size > 1" if self.tp is not None else "the model has no tokenizer"
@@ -188,6 +195,12 @@ class LLMEngine:
         too_big = self.scheduler.admission_error(len(ids), params.max_tokens)  # would wait forever
         if too_big is not None:
             raise too_big
+
+    def resolve_params(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with its bad words as token ids (this engine's tokenizer), when they are not yet."""
+        if params.bad_words and not params.bad_words_token_ids and self.tokenizer is not None:
+            return params.with_bad_words_resolved(lambda text: self.tokenizer.encode(text, add_special_tokens=False))
+        return params
 
     @property
     def max_request_len(self) -> int:

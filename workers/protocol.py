@@ -87,6 +87,8 @@ class TokenDelta:
     stop_reason: int | None = None  # the stop token id, when one ended it
     num_cached_tokens: int = 0
     error: str | None = None
+    # With a request's first token, when it asked for prompt logprobs: prompt tokens 1.. (token 0 has none)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

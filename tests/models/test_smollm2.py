@@ -67,7 +67,7 @@ def _last_logits(llm, ids):
     new = NewRequestData("probe", tuple(ids), len(ids), SamplingParams(temperature=0), (0,), 0)
     sched = SchedulerOutput((new,), (), {"probe": len(ids)}, frozenset())
     runner._update_states(sched)
-    inputs, _, _ = runner._prepare_inputs(sched)
+    inputs, *_ = runner._prepare_inputs(sched)
     with torch.no_grad():
         hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta)
         logits = runner.model.compute_logits(hidden[-1:])[0]

@@ -70,17 +70,13 @@ UNSUPPORTED = [
     ("/v1/completions", "guided_decoding_backend", "xgrammar"),
     ("/v1/completions", "guided_whitespace_pattern", " "),
     ("/v1/completions", "use_beam_search", True),
-    ("/v1/completions", "prompt_logprobs", 1),
-    ("/v1/completions", "logit_bias", {"50256": -100}),
-    ("/v1/completions", "best_of", 2),
     ("/v1/completions", "suffix", " the end"),
+    ("/v1/completions", "logits_processors", ["x"]),
     ("/v1/chat/completions", "guided_decoding_backend", "llguidance"),
     ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("/v1/chat/completions", "tool_choice", "required"),
     ("/v1/chat/completions", "functions", [{"name": "f"}]),
     ("/v1/chat/completions", "parallel_tool_calls", True),
-    ("/v1/chat/completions", "logit_bias", {"1": 5}),
-    ("/v1/chat/completions", "prompt_logprobs", 0),
 ]
 
 

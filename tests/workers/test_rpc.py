@@ -106,6 +106,9 @@ ROUND_TRIP = [
                    stop=("\n\n", "END"), stop_token_ids=(2, 7), include_stop_str_in_output=True, ignore_eos=True,
                    logprobs=0, skip_special_tokens=False),
     SamplingParams(seed=0, max_tokens=1, logprobs=20),  # zeros are values, not absent fields
+    SamplingParams(logit_bias={"7": -100, 0: 2.5}, allowed_token_ids=(0, 5, 9), bad_words=("a b", "c"),
+                   bad_words_token_ids=((4, 5), (6,)), prompt_logprobs=0),
+    SamplingParams(prompt_logprobs=20, allowed_token_ids=(3,)),
     SamplingParams(structured_outputs=StructuredOutputs.json_schema({"type": "object", "required": ["a"]})),
     SamplingParams(structured_outputs=StructuredOutputs("json_object")),
     SamplingParams(structured_outputs=StructuredOutputs("choice", choices=("a", "b c"))),
@@ -119,6 +122,7 @@ ROUND_TRIP = [
     TokenDelta("r1", (11, 12), (TokenLogprob(11, -0.5, 1, ((11, -0.5), (3, -2.25))), TokenLogprob(12, -1e-9, 2)),
                finish_reason="stop", stop_reason=0, num_cached_tokens=16),
     TokenDelta("r1", (), finish_reason="error", error="engine shut down"),
+    TokenDelta("r1", (9,), prompt_logprobs=(TokenLogprob(4, -3.5, 12, ((1, -0.25),)), TokenLogprob(5, -0.5, 1))),
     TokenLogprob(7, float("-inf"), 384, ()),
     WorkerLoad(3, 1, 0.375, 60, 96, 2**40, 12, 30, 4, 2, 7, 1),
     WorkerInfo("w", "/models/x", 16, 8192, "prefill", 2),
@@ -179,6 +183,30 @@ def test_stream_equals_the_offline_engine_with_logprobs(aengine, offline):
         assert g.logprob == pytest.approx(e.logprob, abs=1e-5)
         assert len(g.top) == 3 and [t for t, _ in g.top] == [t for t, _ in e.top]
         assert [v for _, v in g.top] == pytest.approx([v for _, v in e.top], abs=1e-5)
+    aengine.engine.kv_cache.check_no_leak()
+
+
+def test_token_filters_and_prompt_logprobs_cross_the_wire(aengine, offline):
+    prompt = tuple(range(3, 30))
+    # +100 makes 17 the choice; the bad word (17, 17) bans it right after a 17: 17 every other token
+    params = greedy(6, logprobs=0, prompt_logprobs=2, logit_bias={"17": 100}, bad_words_token_ids=((17, 17),),
+                    allowed_token_ids=tuple(range(10, 40)))
+    expected = offline.generate(list(prompt), params)[0]
+
+    async def main():
+        async with serving(aengine) as client:
+            return [d async for d in client.generate(GenerateRequest("filters", prompt, params))]
+
+    deltas = asyncio.run(main())
+    tokens = [t for d in deltas for t in d.token_ids]
+    assert tokens == list(expected.outputs[0].token_ids)
+    assert tokens[0::2] == [17] * 3 and all(10 <= t < 40 and t != 17 for t in tokens[1::2])
+    got = deltas[0].prompt_logprobs  # with the first token, once
+    assert all(not d.prompt_logprobs for d in deltas[1:])
+    want = expected.prompt_logprobs[1:]
+    assert [(lp.token_id, lp.rank, [t for t, _ in lp.top]) for lp in got] == \
+        [(lp.token_id, lp.rank, [t for t, _ in lp.top]) for lp in want]
+    assert [lp.logprob for lp in got] == pytest.approx([lp.logprob for lp in want], abs=1e-5)
     aengine.engine.kv_cache.check_no_leak()
 
 

@@ -82,6 +82,7 @@ class _Parent:
     prompt_token_ids: list[int]
     children: dict[str, _Child]
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # from the first child that has them
 
     @property
     def finished(self) -> bool:
@@ -132,6 +133,8 @@ class OutputProcessor:
             parent = self._parents[pid]
             child = parent.children[out.request_id]
             parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+            if out.prompt_logprobs is not None and parent.prompt_logprobs is None:
+                parent.prompt_logprobs = [None, *out.prompt_logprobs]
             child.token_ids.extend(out.new_token_ids)
             if child.logprobs is not None:
                 child.logprobs.extend(out.new_logprobs)
@@ -166,4 +169,4 @@ class OutputProcessor:
         if finished:
             self.abort(parent.request_id)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs, finished,
-                             parent.num_cached_tokens)
+                             parent.num_cached_tokens, parent.prompt_logprobs)

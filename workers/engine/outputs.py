@@ -64,6 +64,8 @@ class ModelRunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # structured output: requests whose grammar this token completed (nothing more may follow)
     grammar_finished: frozenset[str] = frozenset()
+    # prompt logprobs computed this step: request id -> (prompt index of the first, one per token)
+    prompt_logprobs: dict[str, tuple[int, tuple[TokenLogprobs, ...]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class EngineCoreOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None
     num_cached_tokens: int
+    # Set on the first output of a request that asked for prompt logprobs: prompt tokens 1.. (token 0 has none)
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
 
 
 @dataclass
@@ -98,3 +102,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # vLLM's: one entry per prompt token, None for the first; None when not asked for
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

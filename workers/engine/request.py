@@ -52,6 +52,9 @@ class Request:
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+        # Prompt logprobs (sampling_params.prompt_logprobs set): those of prompt tokens 1.. as the
+        # steps compute them, handed out with the first token; then the params stop asking for them.
+        self.prompt_logprobs: list = []
         self._block_hashes: list[bytes] = []
 
     @property
@@ -70,6 +73,26 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """It still needs its prompt's logits: it must not skip prompt tokens through the prefix cache."""
+        return self.sampling_params.prompt_logprobs is not None
+
+    def add_prompt_logprobs(self, first: int, entries) -> None:
+        """Logprobs of prompt tokens ``first, first + 1, ...`` (a recomputed step's repeats are dropped)."""
+        have = len(self.prompt_logprobs) + 1  # the prompt index of the next one wanted
+        if first <= have < first + len(entries):
+            self.prompt_logprobs.extend(entries[have - first:])
+
+    def take_prompt_logprobs(self) -> tuple | None:
+        """All of them once every prompt token after the first has one, then never again (None)."""
+        if not self.wants_prompt_logprobs or len(self.prompt_logprobs) < self.num_prompt_tokens - 1:
+            return None
+        out = tuple(self.prompt_logprobs)
+        self.prompt_logprobs = []
+        self.sampling_params = self.sampling_params.replace(prompt_logprobs=None)
+        return out
 
     def block_hashes(self, block_size: int) -> list[bytes]:
         """Hashes of this request's full blocks of known tokens (never a placeholder), extended

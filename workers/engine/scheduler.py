@@ -170,7 +170,8 @@ class Scheduler:
             request = self.waiting[0]
             if request.num_placeholders:
                 break  # preempted with a step in flight: it waits until that step's token is known
-            hits, num_hit = self.kv_cache.get_computed_blocks(request)
+            # Cached prompt tokens have no logits: a request that wants prompt logprobs computes them all.
+            hits, num_hit = ([], 0) if request.wants_prompt_logprobs else self.kv_cache.get_computed_blocks(request)
             n = request.num_tokens - num_hit
             if n > budget and not self.config.enable_chunked_prefill:
                 break
@@ -178,8 +179,9 @@ class Scheduler:
             if not self.kv_cache.allocate_slots(request, n, hits):
                 break
             self.waiting.pop(0)
-            self.stats.num_prefix_queries += request.num_tokens
-            self.stats.num_prefix_hits += num_hit
+            if not request.wants_prompt_logprobs:  # looked up in the cache (the hit rate's queries)
+                self.stats.num_prefix_queries += request.num_tokens
+                self.stats.num_prefix_hits += num_hit
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
@@ -218,6 +220,10 @@ class Scheduler:
 
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Apply a step's sampled tokens. Async: call once per scheduled step, in step order."""
+        for rid, (first, entries) in result.prompt_logprobs.items():
+            request = self.requests.get(rid)
+            if request is not None:
+                request.add_prompt_logprobs(first, entries)
         if self.config.async_scheduling:
             return self._update_in_flight(sched, result)
         outputs = []
@@ -262,6 +268,7 @@ class Scheduler:
             # The grammar is complete: nothing may follow. A stop, even on the last token max_tokens allows.
             request.status = RequestStatus.FINISHED_STOPPED
         lp = result.logprobs.get(rid)
+        prompt_lps = request.take_prompt_logprobs()
         done = request.status.finished
         if done:
             (self.running if was is RequestStatus.RUNNING else self.waiting).remove(request)
@@ -269,7 +276,7 @@ class Scheduler:
         return EngineCoreOutput(
             request_id=rid, new_token_ids=(token,), new_logprobs=(lp,) if lp else (),
             finish_reason=request.status.value if done else None, stop_reason=request.stop_reason,
-            num_cached_tokens=max(request.num_cached_tokens, 0))
+            num_cached_tokens=max(request.num_cached_tokens, 0), prompt_logprobs=prompt_lps)
 
     def _ends_in_flight(self, request: Request) -> bool:
         """Its placeholders already reach max_tokens or max_model_len: it finishes when they land."""

@@ -28,6 +28,7 @@ from shoal.workers.models.llama import KVCache, LlamaForCausalLM
 from .cuda_graphs import DecodeGraphs, default_capture_sizes
 from .grammar import GrammarCompiler, SequenceGrammar
 from .input_buffers import InputBuffers, StepInputs
+from . import prompt_logprobs
 from .pending_step import PendingStep
 from .sampler import Sampler, SamplingRow, make_generator
 
@@ -42,7 +43,8 @@ class CachedRequestState:
     num_computed_tokens: int
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None = None
-    needs_history: bool = False  # its sampler reads the output ids on the host (penalties, min_tokens, grammar)
+    # its sampler reads the output ids on the host (penalties, min_tokens, a grammar, a multi-token bad word)
+    needs_history: bool = False
     grammar: SequenceGrammar | None = None  # structured output: its place in its grammar
     num_pending: int = 0  # tokens sampled by submitted steps, not collected yet
     pending_row: int = -1  # its row in the last submitted step's sampled ids
@@ -62,12 +64,16 @@ class CachedRequestState:
         p = self.params
         penalties = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
         prompt = self.token_ids[: self.num_prompt_tokens] if penalties else ()
-        output = self.output_token_ids if penalties or p.min_tokens else ()
+        output = self.output_token_ids if penalties or p.min_tokens or _multi_token_bad_words(p) else ()
         row = SamplingRow(params=p, prompt_token_ids=prompt, output_token_ids=output,
                           generator=self.generator, eos_token_ids=self.eos_token_ids)
         if not self.needs_history:
             self._row = row
         return row
+
+
+def _multi_token_bad_words(p: SamplingParams) -> bool:
+    return any(len(w) > 1 for w in p.bad_words_token_ids)
 
 
 @dataclass
@@ -158,7 +164,7 @@ class ModelRunner:
             return PendingStep.ready(ModelRunnerOutput(sampled_token_ids={}))
         self._collect_for_history(sched)
         t0 = time.perf_counter()
-        inputs, states, graph_bs = self._prepare_inputs(sched)
+        inputs, states, graph_bs, prompt_plan = self._prepare_inputs(sched)
         events = self._gpu_events_start()
         t1 = time.perf_counter()
         if graph_bs is not None:
@@ -177,6 +183,7 @@ class ModelRunner:
         ids_host.copy_(ids_dev, non_blocking=self.device.type == "cuda")
         wanted = any(r.params.logprobs is not None for r in rows)
         lps = self.sampler.logprobs_launch(logits, rows, ids_dev) if wanted else None
+        plps = prompt_logprobs.launch(self.model.compute_logits, hidden, prompt_plan) if prompt_plan else None
         end = self._gpu_event(events)  # after every copy of the step: what collect() waits on
         self._submitted += 1
         for i, state in enumerate(states):
@@ -188,7 +195,7 @@ class ModelRunner:
         t.prepare_s, t.forward_s = t.prepare_s + t1 - t0, t.forward_s + t2 - t1
         t.sample_launch_s += t3 - t2
         t.sample_s += t3 - t2
-        self._last = PendingStep(states=states, ids_host=ids_host, done=end, logprobs=lps,
+        self._last = PendingStep(states=states, ids_host=ids_host, done=end, logprobs=lps, prompt_logprobs=plps,
                                  timing=(events, mid, end) if events is not None else None,
                                  finish=self._collect)
         return self._last
@@ -221,7 +228,8 @@ class ModelRunner:
             sampled[rid] = token_ids[i]
             if lps is not None and lps[i] is not None:
                 logprobs[rid] = lps[i]
-        return ModelRunnerOutput(sampled, logprobs, frozenset(grammar_done))
+        plps = prompt_logprobs.read(pending.prompt_logprobs) if pending.prompt_logprobs is not None else {}
+        return ModelRunnerOutput(sampled, logprobs, frozenset(grammar_done), plps)
 
     def _collect_for_history(self, sched: SchedulerOutput) -> None:
         """A row whose sampler reads its output ids on the host needs last step's token there now."""
@@ -270,7 +278,8 @@ class ModelRunner:
                 num_prompt_tokens=new.num_prompt_tokens, params=p, block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens, eos_token_ids=new.eos_token_ids,
                 generator=self._generators.get(new.request_id),
-                needs_history=penalties or p.min_tokens > 0 or grammar is not None, grammar=grammar,
+                needs_history=penalties or p.min_tokens > 0 or grammar is not None or _multi_token_bad_words(p),
+                grammar=grammar,
                 table_row=tables.open(new.request_id))
         for cached in sched.cached_requests:
             state = self.requests[cached.request_id]
@@ -286,9 +295,10 @@ class ModelRunner:
             raise ValueError("structured_outputs: this model runner has no grammar compiler (no tokenizer)")
         return self.grammar.start(p.structured_outputs, output_token_ids)
 
-    def _prepare_inputs(self, sched: SchedulerOutput
-                        ) -> tuple[StepInputs, list[CachedRequestState], int | None]:
+    def _prepare_inputs(self, sched: SchedulerOutput) -> tuple[
+            StepInputs, list[CachedRequestState], int | None, prompt_logprobs.PromptLogprobsPlan | None]:
         rows = []
+        prompt_plan = None  # rows that asked for prompt logprobs and compute prompt positions this step
         logits_indices: list[int] = []
         sampling: list[CachedRequestState] = []
         gather_dst: list[int] = []  # flat token positions whose id is last step's sample on the device
@@ -309,6 +319,10 @@ class ModelRunner:
             else:
                 tokens = state.token_ids[start:end]
             rows.append((tokens, start, n, state.block_ids, state.table_row))
+            k = state.params.prompt_logprobs
+            if k is not None and start < state.num_prompt_tokens - 1:
+                prompt_plan = prompt_plan or prompt_logprobs.PromptLogprobsPlan()
+                prompt_plan.add(rid, state.token_ids, state.num_prompt_tokens, start, end, t, k)
             t += n
             state.num_computed_tokens = end
             if end == known + state.num_pending:  # caught up: this step yields its next token
@@ -321,7 +335,7 @@ class ModelRunner:
         inputs = self.buffers.upload(num_tokens, num_seqs, logits_indices, max_q, max_s, width)
         if gather_dst:
             self.buffers.gather_ids(gather_dst, gather_src, self._last_ids)
-        return inputs, sampling, graph_bs
+        return inputs, sampling, graph_bs, prompt_plan
 
     @torch.inference_mode()
     def profile_peak_memory(self) -> int:

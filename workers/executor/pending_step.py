@@ -21,6 +21,7 @@ class PendingStep:
     ids_host: Any = None  # [len(states)] int64 host tensor (pinned on CUDA) the ids are copied into
     done: Any = None  # CUDA event after the step's last copy; None where the step already ran (CPU)
     logprobs: Any = None  # the sampler's logprobs in flight (host copies queued), or None
+    prompt_logprobs: Any = None  # prompt logprobs in flight (prompt_logprobs.launch), or None
     timing: tuple | None = None  # (start, mid, end) CUDA events of the step
     finish: Callable[["PendingStep"], ModelRunnerOutput] | None = None  # the runner's collector
     result: ModelRunnerOutput | None = field(default=None, repr=False)

@@ -4,14 +4,17 @@ Order of the logit transforms (vLLM v1 / OpenAI semantics):
 
 1. logprobs are taken from the *raw* logits (``log_softmax`` of the model output), before anything
    below changes them, so they describe the model, not the sampling rules;
-2. penalties: repetition (CTRL: divide positive / multiply negative logits of tokens seen in the
+2. token filters of the rows that set them (others are not touched), in vLLM's order: tokens
+   outside ``allowed_token_ids`` and the last token of each bad word whose other tokens end the
+   output (a one-token word: always) set to ``-inf``, then ``logit_bias`` added;
+3. penalties: repetition (CTRL: divide positive / multiply negative logits of tokens seen in the
    prompt or the output), frequency (``count * penalty`` over the output), presence (``penalty``
    once per token present in the output);
-3. ``min_tokens``: stop ids, and eos ids unless ``ignore_eos``, are set to ``-inf`` while the output
+4. ``min_tokens``: stop ids, and eos ids unless ``ignore_eos``, are set to ``-inf`` while the output
    is shorter than ``min_tokens`` (``ignore_eos`` only means "do not stop at eos": it never masks);
    then the grammar mask of constrained rows (structured output) sets every token it forbids to ``-inf``;
-4. greedy rows (``temperature == 0``) take the argmax here and never consume randomness;
-5. temperature → min_p → top_k → top_p → a draw by the exponential race
+5. greedy rows (``temperature == 0``) take the argmax here and never consume randomness;
+6. temperature → min_p → top_k → top_p → a draw by the exponential race
    ``argmax(probs / E)``, ``E ~ Exp(1)`` i.i.d. per token, which picks token ``i`` with
    probability ``probs[i]``.
 
@@ -89,13 +92,14 @@ def _row_token_index(
     return torch.from_numpy(rows), torch.from_numpy(flat)
 
 
-def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Repetition, then frequency, then presence penalties; returns new float32 logits [B, V].
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow], inplace: bool = False) -> torch.Tensor:
+    """Repetition, then frequency, then presence penalties; returns new float32 logits [B, V]
+    (``inplace``: the given float32 logits, changed).
 
     Only rows with a penalty set are touched; the others keep their logits bit for bit.
     """
     # logits: [B, V]
-    out = logits.to(torch.float32, copy=True)
+    out = logits if inplace else logits.to(torch.float32, copy=True)
     vocab = out.shape[1]
     picked = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
     if not picked:
@@ -130,6 +134,69 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """In place: each row's ``logit_bias`` added to its tokens' logits (rows without one untouched)."""
+    # logits: [B, V] float32, contiguous
+    picked = [(i, r.params.logit_bias) for i, r in enumerate(rows) if r.params.logit_bias]
+    if not picked:
+        return logits
+    vocab = logits.shape[1]
+    flat = [i * vocab + t for i, bias in picked for t, _ in bias]
+    values = [v for _, bias in picked for _, v in bias]
+    if max(t for _, bias in picked for t, _ in bias) >= vocab:
+        raise ValueError(f"logit_bias must hold token ids in [0, {vocab}) (the logits' vocab)")
+    dev = logits.device
+    logits.view(-1).index_add_(0, _to_device(flat, torch.int64, dev), _to_device(values, torch.float32, dev))
+    return logits
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """In place: ``-inf`` on every token outside a row's ``allowed_token_ids`` (rows without it untouched)."""
+    # logits: [B, V]
+    picked = [i for i, r in enumerate(rows) if r.params.allowed_token_ids is not None]
+    if not picked:
+        return logits
+    vocab, dev = logits.shape[1], logits.device
+    r_idx, t_idx = _row_token_index([rows[i].params.allowed_token_ids for i in picked], vocab, "allowed_token_ids")
+    keep = torch.zeros((len(picked), vocab), dtype=torch.bool, device=dev)  # [A, V]
+    keep.view(-1)[(r_idx * vocab + t_idx).to(dev)] = True
+    idx = _to_device(picked, torch.int64, dev)
+    sub = logits.index_select(0, idx).masked_fill_(~keep, _NEG_INF)
+    return logits.index_copy_(0, idx, sub)
+
+
+def bad_word_bans(rows: Sequence[SamplingRow]) -> tuple[list[int], list[int]]:
+    """(row, token) pairs to ban this step: a bad word's last token where its other tokens end the
+    row's output (vLLM's rule; a one-token word is always banned)."""
+    row_ids: list[int] = []
+    tok_ids: list[int] = []
+    for i, r in enumerate(rows):
+        words = r.params.bad_words_token_ids
+        if not words:
+            continue
+        out = r.output_token_ids
+        n = len(out)
+        for word in words:
+            k = len(word) - 1
+            if k > n or (k and list(out[n - k:]) != list(word[:k])):
+                continue
+            row_ids.append(i)
+            tok_ids.append(word[-1])
+    return row_ids, tok_ids
+
+
+def apply_bad_words(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """In place: ``-inf`` on the tokens that would complete a bad word (see :func:`bad_word_bans`)."""
+    # logits: [B, V]
+    row_ids, tok_ids = bad_word_bans(rows)
+    if row_ids:
+        vocab, dev = logits.shape[1], logits.device
+        keep = [j for j, t in enumerate(tok_ids) if 0 <= t < vocab]  # beyond the vocab: never sampled anyway
+        logits[_to_device([row_ids[j] for j in keep], torch.int64, dev),
+               _to_device([tok_ids[j] for j in keep], torch.int64, dev)] = _NEG_INF
+    return logits
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -248,7 +315,14 @@ class Sampler:
         the grammar's allowed tokens for the constrained rows."""
         if not rows:
             return torch.empty(0, dtype=torch.int64, device=logits.device)
-        x = apply_penalties(logits, rows)  # float32 copy
+        if any(r.params.has_token_filters for r in rows):  # before the penalties, as vLLM's
+            x = logits.to(torch.float32, copy=True)
+            apply_allowed_token_ids(x, rows)
+            apply_bad_words(x, rows)
+            apply_logit_bias(x, rows)
+            apply_penalties(x, rows, inplace=True)
+        else:
+            x = apply_penalties(logits, rows)  # float32 copy
         apply_min_tokens(x, rows)
         if mask is not None:
             apply_token_mask(x, mask)

@@ -51,6 +51,12 @@ def sampling_params_to_pb(p: SamplingParams) -> pb.SamplingParams:
     so = p.structured_outputs
     if so is not None:
         msg.structured_outputs.CopyFrom(pb.StructuredOutputs(kind=so.kind, value=so.value, choices=so.choices))
+    msg.logit_bias.extend(pb.LogitBias(token_id=t, bias=b) for t, b in p.logit_bias)
+    if p.allowed_token_ids is not None:
+        msg.allowed_token_ids.CopyFrom(pb.TokenIds(ids=p.allowed_token_ids))
+    msg.bad_words.extend(p.bad_words)
+    msg.bad_words_token_ids.extend(pb.TokenIds(ids=w) for w in p.bad_words_token_ids)
+    _set_opt(msg, "prompt_logprobs", p.prompt_logprobs)
     return msg
 
 
@@ -59,7 +65,12 @@ def sampling_params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
     if msg.HasField("structured_outputs"):
         m = msg.structured_outputs
         so = StructuredOutputs(m.kind, m.value, tuple(m.choices))
+    allowed = tuple(msg.allowed_token_ids.ids) if msg.HasField("allowed_token_ids") else None
     return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), structured_outputs=so,
+                          logit_bias=tuple((b.token_id, b.bias) for b in msg.logit_bias),
+                          allowed_token_ids=allowed, bad_words=tuple(msg.bad_words),
+                          bad_words_token_ids=tuple(tuple(w.ids) for w in msg.bad_words_token_ids),
+                          prompt_logprobs=_opt(msg, "prompt_logprobs"),
                           **{name: getattr(msg, name) for name in _SAMPLING_SCALARS},
                           **{name: _opt(msg, name) for name in _SAMPLING_OPTIONAL})
 
@@ -115,7 +126,8 @@ def token_logprob_from_pb(msg: pb.TokenLogprob) -> TokenLogprob:
 def token_delta_to_pb(d: TokenDelta) -> pb.TokenDelta:
     msg = pb.TokenDelta(request_id=d.request_id, token_ids=d.token_ids,
                         logprobs=[token_logprob_to_pb(lp) for lp in d.logprobs],
-                        num_cached_tokens=d.num_cached_tokens)
+                        num_cached_tokens=d.num_cached_tokens,
+                        prompt_logprobs=[token_logprob_to_pb(lp) for lp in d.prompt_logprobs])
     _set_opt(msg, "finish_reason", d.finish_reason)
     _set_opt(msg, "stop_reason", d.stop_reason)
     _set_opt(msg, "error", d.error)
@@ -125,7 +137,7 @@ def token_delta_to_pb(d: TokenDelta) -> pb.TokenDelta:
 def token_delta_from_pb(msg: pb.TokenDelta) -> TokenDelta:
     return TokenDelta(msg.request_id, tuple(msg.token_ids), tuple(token_logprob_from_pb(lp) for lp in msg.logprobs),
                       _opt(msg, "finish_reason"), _opt(msg, "stop_reason"), msg.num_cached_tokens,
-                      _opt(msg, "error"))
+                      _opt(msg, "error"), tuple(token_logprob_from_pb(lp) for lp in msg.prompt_logprobs))
 
 
 # -- load, info, KV events ----------------------------------------------------------------------
