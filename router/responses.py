@@ -14,8 +14,11 @@ from pydantic import BaseModel
 from .choice import Choice, Event
 from .openai_protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionResponse,
                               ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
-                              CompletionChunk, CompletionLogprobs, CompletionResponse, TopLogprob, Usage)
+                              CompletionChunk, CompletionLogprobs, CompletionResponse, ToolCall, TopLogprob,
+                              Usage)
 from .tokenization import Prompt, RouterTokenizer
+from .tools.output import ToolCallOutput, whole_message
+from .tools.request import ToolPlan
 
 if TYPE_CHECKING:
     from .generation import Generation
@@ -25,7 +28,8 @@ class ResponseBuilder(Protocol):
     def start_chunks(self) -> list[BaseModel]:
         """What a stream sends before any token."""
 
-    def event_chunk(self, ev: Event) -> BaseModel: ...
+    def event_chunk(self, ev: Event) -> BaseModel | None:
+        """The chunk of one event; None when it has nothing to show yet."""
 
     def usage_chunk(self) -> BaseModel: ...
 
@@ -114,25 +118,53 @@ class CompletionBuilder(_Builder):
 
 
 class ChatBuilder(_Builder):
-    """``/v1/chat/completions`` bodies: assistant messages, per-token logprob objects."""
+    """``/v1/chat/completions`` bodies: assistant messages, per-token logprob objects, and with a tool
+    plan that reads calls, each choice's text split into content and tool calls (``router/tools``)."""
 
     id_prefix = "chatcmpl"
     chunk_type = ChatCompletionChunk
+
+    def __init__(self, gen: Generation, model: str, tok: RouterTokenizer, tools: ToolPlan | None = None) -> None:
+        super().__init__(gen, model, tok)
+        self.tools = tools if tools is not None and tools.parses else None
+        self._outputs: dict[int, ToolCallOutput] = {}  # choice index -> its stream's parser
 
     def start_chunks(self) -> list[BaseModel]:
         return [self._chunk([ChatStreamChoice(index=c.index, delta={"role": "assistant", "content": ""})])
                 for c in self.gen.choices]
 
-    def event_chunk(self, ev: Event) -> BaseModel:
+    def event_chunk(self, ev: Event) -> BaseModel | None:
         c = ev.choice
-        return self._chunk([ChatStreamChoice(index=c.index, delta={"content": ev.text} if ev.text else {},
-                                             logprobs=self._logprobs(c, ev.logprobs), **self._ending(ev))])
+        ending = self._ending(ev)
+        if self.tools is None:
+            delta = {"content": ev.text} if ev.text else {}
+        else:
+            out = self._outputs.get(c.index)
+            if out is None:
+                out = self._outputs[c.index] = self._tool_output()
+            delta = out.delta(ev.text, ev.finished)
+            if ending:
+                ending["finish_reason"] = out.finish_reason(ending["finish_reason"])
+            elif not delta and not ev.logprobs:
+                return None
+        return self._chunk([ChatStreamChoice(index=c.index, delta=delta, logprobs=self._logprobs(c, ev.logprobs),
+                                             **ending)])
 
     def response(self) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                              logprobs=self._logprobs(c, c.logprobs), finish_reason=c.finish_reason,
-                              stop_reason=c.stop_reason) for c in self.gen.choices]
+        choices = []
+        for c in self.gen.choices:
+            message, finish_reason = ChatResponseMessage(content=c.text), c.finish_reason
+            if self.tools is not None:
+                out = self._tool_output()
+                content, calls = whole_message(out, c.text)
+                message = ChatResponseMessage(content=content, tool_calls=[ToolCall(**t) for t in calls] or None)
+                finish_reason = out.finish_reason(finish_reason)
+            choices.append(ChatChoice(index=c.index, message=message, logprobs=self._logprobs(c, c.logprobs),
+                                      finish_reason=finish_reason, stop_reason=c.stop_reason))
         return ChatCompletionResponse(**self._envelope(), choices=choices, usage=self.gen.usage())
+
+    def _tool_output(self) -> ToolCallOutput:
+        return ToolCallOutput(self.tools.parser(), parallel=self.tools.parallel)
 
     def _entry(self, token_id: int, logprob: float) -> TopLogprob:
         token = self.tok.token_str(token_id)

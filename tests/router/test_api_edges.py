@@ -75,10 +75,8 @@ UNSUPPORTED = [
     ("/v1/completions", "best_of", 2),
     ("/v1/completions", "suffix", " the end"),
     ("/v1/chat/completions", "guided_decoding_backend", "llguidance"),
-    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("/v1/chat/completions", "tool_choice", "required"),
     ("/v1/chat/completions", "functions", [{"name": "f"}]),
-    ("/v1/chat/completions", "parallel_tool_calls", True),
+    ("/v1/chat/completions", "function_call", {"name": "f"}),
     ("/v1/chat/completions", "logit_bias", {"1": 5}),
     ("/v1/chat/completions", "prompt_logprobs", 0),
 ]
