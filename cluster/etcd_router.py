@@ -108,7 +108,8 @@ class EtcdRouter:
             cold = DEFAULT_COLD_START_WAIT_S  # a pool may be at zero: hold its requests while one starts
         return dataclasses.replace(self.base_config, placement=router.policy, placement_options=options,
                                    health_interval_s=self.health_interval_s, cold_start_wait_s=cold,
-                                   disagg_min_prefill_tokens=router.disagg_min_prefill_tokens)
+                                   disagg_min_prefill_tokens=router.disagg_min_prefill_tokens,
+                                   tool_call_parser=router.tool_call_parser)
 
     async def start(self) -> int:
         """Listen, follow membership, become ready, register; -> the bound port. Raises (leaving
