@@ -146,11 +146,6 @@ class ToolParser(ABC):
         chat templates that take no tools."""
 
     @classmethod
-    def tool_result_text(cls, results: list[str]) -> str:
-        """Tool results as a user turn's text, for chat templates that take no tools."""
-        return "\n".join(f"<tool_response>\n{r}\n</tool_response>" for r in results)
-
-    @classmethod
     @abstractmethod
     def forced_grammar(cls, call_schema: dict, parallel: bool) -> str:
         """A Lark grammar (llguidance) whose every sentence is one call (or, ``parallel``, one or more)

@@ -101,10 +101,6 @@ class Llama3JsonToolParser(ToolParser):
                 "and its value}. Do not use variables.\n\n" + listed)
 
     @classmethod
-    def tool_result_text(cls, results: list[str]) -> str:
-        return "\n".join(results)
-
-    @classmethod
     def forced_grammar(cls, call_schema: dict, parallel: bool) -> str:
         start = 'start: body ("; " body)*' if parallel else "start: body"
         return f"{start}\nbody: %json {json.dumps(call_schema)}\n"

@@ -51,12 +51,11 @@ class ToolCallOutput:
                 continue
             entry = merged.get(d.index)
             if entry is None:
-                entry = merged[d.index] = {"index": d.index, "function": {}}
-            if d.name is not None:
+                entry = merged[d.index] = {"index": d.index}
+            if d.name is not None:  # a call's first piece: always the first of its chunk
                 self.ids[d.index] = self.new_id()
-                entry.update(id=self.ids[d.index], type="function")
-                entry["function"]["name"] = d.name
-                entry["function"].setdefault("arguments", "")
+                entry.update(id=self.ids[d.index], type="function", function={"name": d.name, "arguments": ""})
+            entry.setdefault("function", {})
             if d.arguments:
                 entry["function"]["arguments"] = entry["function"].get("arguments", "") + d.arguments
         return list(merged.values())

@@ -5,8 +5,10 @@ Face templates expect an object: each is parsed (a 400 naming it when it is not 
 template that takes ``tools`` (Qwen2.5's, Llama 3.1's, Hermes') gets them as the ``tools`` variable
 and renders calls and ``tool`` turns itself. A template that does not (the bundled SmolLM2's) gets a
 fallback written in the call format's own words: the tools announced in the system message (the
-format's :meth:`~.base.ToolParser.instructions`; after the client's own system text), each assistant
-call written out as the model would write it, and each run of ``tool`` results as one user turn.
+format's :meth:`~.base.ToolParser.instructions`; after the client's own system text) and each
+assistant call written out as the model would write it. ``tool`` turns stay ``tool`` turns: ChatML
+templates (SmolLM2's) render any role, and SmolLM2-135M answered from a result in a ``tool`` turn but
+echoed it back when it came as a user turn wrapped in ``<tool_response>`` (Qwen2.5's rendering).
 """
 
 from __future__ import annotations
@@ -53,22 +55,13 @@ def fallback_messages(messages: list[dict], tools: list[dict], fmt: type[ToolPar
             messages = [{**messages[0], "content": f"{own}\n\n{text}" if own else text}, *messages[1:]]
         else:
             out.append({"role": "system", "content": text})
-    results: list[str] = []
     for m in messages:
-        if m.get("role") == "tool":
-            results.append(m.get("content") or "")
-            continue
-        if results:
-            out.append({"role": "user", "content": fmt.tool_result_text(results)})
-            results = []
         if m.get("tool_calls"):
             calls = [(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
             own = m.get("content") or ""
             m = {k: v for k, v in m.items() if k != "tool_calls"}
             m["content"] = (f"{own}\n" if own else "") + fmt.call_text(calls)
         out.append(m)
-    if results:
-        out.append({"role": "user", "content": fmt.tool_result_text(results)})
     return out
 
 

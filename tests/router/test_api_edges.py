@@ -319,3 +319,6 @@ def test_openapi_declares_the_request_bodies(serve, tok):
     assert refs and all(ref in components for ref in refs)
     # The unsupported fields are not offered: a schema-driven client never sends them.
     assert "guided_decoding_backend" not in components["CompletionRequest"]["properties"]
+    chat = components["ChatCompletionRequest"]["properties"]
+    assert {"tools", "tool_choice", "parallel_tool_calls"} <= set(chat) and "functions" not in chat
+    assert {"none", "auto", "required"} <= set(chat["tool_choice"]["anyOf"][0]["enum"])

@@ -78,10 +78,10 @@ def test_named_call_round_trip(plain_client):
                      {"role": "tool", "tool_call_id": call.id,
                       "content": json.dumps({"city": args["city"], "temperature": 21, "sky": "sunny"})}]
     final = plain_client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none",
-                                                 max_tokens=24, temperature=0)
+                                                 max_tokens=40, temperature=0)
     answer = final.choices[0]
     assert answer.message.tool_calls is None and answer.finish_reason in ("stop", "length")
-    assert isinstance(answer.message.content, str) and answer.message.content.strip()
+    assert "21" in answer.message.content, answer.message.content  # it answered from the tool's result
     assert final.usage.prompt_tokens > r.usage.prompt_tokens  # the call and its result are in the prompt
 
 
