@@ -98,7 +98,8 @@ class EtcdRouter:
                              "set pools.<role>.engine.tokenizer in the spec")
         return Tokenizer.from_path(path)
 
-    def _config(self) -> RouterConfig:
+    def router_config(self) -> RouterConfig:
+        """The settings it serves with: the edge's (limits, CORS, API key), the spec's placement and tools."""
         router = self.spec.router
         options = dict(router.policy_options)
         if router.policy == "prefix_aware":
@@ -122,7 +123,7 @@ class EtcdRouter:
         return self.bound[1]
 
     async def _start(self) -> None:
-        config = self._config()
+        config = self.router_config()
         self.pool = make_pool(config)
         app = create_app(config, self.pool, await asyncio.to_thread(self._tokenizer), metrics=self.metrics,
                          on_demand=self._signal_demand)

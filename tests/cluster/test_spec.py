@@ -57,7 +57,7 @@ def test_the_tool_call_parser_is_the_spec_s_and_reaches_every_router():
     spec = DeploymentSpec.from_dict({"name": "t", "model": "m", "pools": {"unified": {}},
                                      "router": {"tool_call_parser": "llama3_json"}})
     assert spec.router.tool_call_parser == "llama3_json" and DeploymentSpec.from_dict(spec.to_dict()) == spec
-    assert EtcdRouter(spec, client=None)._config().tool_call_parser == "llama3_json"
+    assert EtcdRouter(spec, client=None).router_config().tool_call_parser == "llama3_json"
     assert "tool_call_parser" not in RouterSpec().to_dict()  # unset: specs written before it stay the same
     # `shoal router` takes it from the spec, like placement: one deployment, one format
     with pytest.raises(SystemExit):

@@ -131,7 +131,8 @@ def test_registry():
 
 def test_output_ids_indexes_parallel_and_finish_reason():
     ids = iter(["call_a", "call_b"])
-    text = '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": {"x": 1}}</tool_call>'
+    text = ('<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+            '<tool_call>{"name": "g", "arguments": {"x": 1}}</tool_call>')
     out = ToolCallOutput(HermesToolParser(), new_id=lambda: next(ids))
     content, calls = whole_message(out, text)
     assert content is None
@@ -146,7 +147,8 @@ def test_output_ids_indexes_parallel_and_finish_reason():
     assert streaming.delta("<tool_call>", False) == {}
     assert streaming.delta('{"name": "f", "arguments": {"a"', False) == {"tool_calls": [
         {"index": 0, "id": "call_s", "type": "function", "function": {"name": "f", "arguments": '{"a"'}}]}
-    assert streaming.delta(": 1}}</tool_call>", True) == {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}
+    assert streaming.delta(": 1}}</tool_call>", True) == {
+        "tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}
 
 
 def test_history_rendering_round_trips_through_the_parser():

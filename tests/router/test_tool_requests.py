@@ -155,8 +155,10 @@ def test_fallback_rendering_in_the_format_s_words(smol_tokenizer):
     messages, extra = template_input(system + HISTORY, p.template_tools(), p.parser, PLAIN_TEMPLATE)
     assert extra == {}
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "tool"]
-    assert messages[0]["content"].startswith("Be brief.\n\n# Tools") and '"name": "get_weather"' in messages[0]["content"]
-    assert messages[2]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    system_text = messages[0]["content"]
+    assert system_text.startswith("Be brief.\n\n# Tools") and '"name": "get_weather"' in system_text
+    assert messages[2]["content"] == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                                      '</tool_call>')
     assert messages[3:] == HISTORY[2:]
     assert "tool_calls" not in messages[2]
     no_system, _ = template_input(USER, p.template_tools(), Llama3JsonToolParser, PLAIN_TEMPLATE)
@@ -166,7 +168,8 @@ def test_fallback_rendering_in_the_format_s_words(smol_tokenizer):
 
 
 def test_history_errors_name_the_field():
-    bad = USER + [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}]
+    bad = USER + [{"role": "assistant", "content": None,
+                   "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}]
     with pytest.raises(InvalidParam) as e:
         prepare_chat_tools(bad, None, None, None, "hermes", PLAIN_TEMPLATE)
     assert e.value.field == "messages.1.tool_calls.0.function.arguments"
