@@ -180,8 +180,9 @@ def _add_tokenizer_routes(app: FastAPI, ctx: RouterContext) -> None:
         check_model(ctx, req.model)
         field = "messages" if req.messages else "prompt"
         if req.messages is not None:
-            prompt = await run_tokenizer(tok.encode_chat, [m.for_template() for m in req.messages],
-                                         req.add_generation_prompt, field=field, prefix=f"{field}: ")
+            tools = chat_tools(req, cfg.tool_call_parser, tok.tokenizer.chat_template)
+            prompt = await run_tokenizer(tok.encode_chat, tools.messages, req.add_generation_prompt, False,
+                                         tools.template_kwargs, field=field, prefix=f"{field}: ")
             ids = list(prompt.token_ids)
         else:
             ids = await run_tokenizer(tok.tokenizer.encode, req.prompt, req.add_special_tokens, field=field,

@@ -495,6 +495,7 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None  # rendered as a chat request's would be
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False

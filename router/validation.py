@@ -24,7 +24,7 @@ from shoal.workers.engine.sampling_params import SamplingParams
 from .config import RouterConfig
 from .context import RouterContext
 from .errors import ApiError, bad_value
-from .openai_protocol import ChatCompletionRequest, _SamplingRequest, validation_error_body
+from .openai_protocol import ChatCompletionRequest, TokenizeRequest, _SamplingRequest, validation_error_body
 from .tokenization import Prompt
 from .tools.chat import ChatTools, prepare_chat_tools
 
@@ -215,12 +215,16 @@ def _prompt_limit(config: RouterConfig, max_len: int) -> tuple[int, str]:
     return limit, why
 
 
-def chat_tools(req: ChatCompletionRequest, configured_parser: str | None, chat_template: str | None) -> ChatTools:
+def chat_tools(req: ChatCompletionRequest | TokenizeRequest, configured_parser: str | None,
+               chat_template: str | None) -> ChatTools:
     """The request's tools planned (a forced call compiled), and the messages as the template's input;
-    a 400 naming the field (``tool_choice``, ``tools.<i>.function.parameters``, ``messages.<i>.tool_calls``)."""
+    a 400 naming the field (``tool_choice``, ``tools.<i>.function.parameters``, ``messages.<i>.tool_calls``).
+    ``/tokenize`` renders its tools as a chat request with ``tool_choice: "none"`` would."""
+    chat = isinstance(req, ChatCompletionRequest)
     try:
-        return prepare_chat_tools([m.for_template() for m in req.messages], req.tools, req.tool_choice,
-                                  req.parallel_tool_calls, configured_parser, chat_template)
+        return prepare_chat_tools([m.for_template() for m in req.messages], req.tools,
+                                  req.tool_choice if chat else "none", req.parallel_tool_calls if chat else None,
+                                  configured_parser, chat_template)
     except ValueError as e:
         raise bad_value(e) from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -202,3 +203,11 @@ def test_errors_name_the_field(client, plain_client):
     history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{not json"}}]}]
     _bad(client, "messages.1.tool_calls.0.function.arguments", "JSON", messages=history, tools=TOOLS)
+
+
+def test_tokenize_renders_tools_as_chat_does(client, urls):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=1)
+    counted = httpx.post(f"{urls[0]}/tokenize", json={"model": MODEL, "messages": ASK, "tools": TOOLS}).json()
+    assert counted["count"] == r.usage.prompt_tokens
+    bare = httpx.post(f"{urls[0]}/tokenize", json={"model": MODEL, "messages": ASK}).json()
+    assert bare["count"] < counted["count"]  # the tools are in the prompt
