@@ -9,11 +9,13 @@ tools). ``auto`` needs ``tool_call_parser`` (a second router has none: its 400 n
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import httpx
 import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel
 
 from shoal.router.local_worker import LocalWorker
 
@@ -106,6 +108,39 @@ def test_required_call_streamed_equals_whole(client):
     assert len(pieces) > 2, "the arguments came in one piece: not streamed"
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals == ["tool_calls"]
+
+    # The streamed call goes back into the history; the answer streams as text.
+    call = {"id": pieces[0].id, "type": "function",
+            "function": {"name": pieces[0].function.name,
+                         "arguments": "".join(p.function.arguments or "" for p in pieces)}}
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"answer": 21})}]
+    answer = list(client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=16,
+                                                 temperature=0, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in answer if c.choices)
+    assert text.strip() and not any(c.choices[0].delta.tool_calls for c in answer if c.choices)
+    assert answer[-1].choices[0].finish_reason in ("stop", "length")
+
+
+class GetWeather(BaseModel):
+    """The current weather in a city."""
+
+    city: Literal["Paris", "London"]
+    unit: Literal["celsius", "fahrenheit"]
+
+
+def test_the_client_s_parse_and_stream_helpers(client):
+    tool = openai.pydantic_function_tool(GetWeather)  # strict: true, pydantic's schema
+    named = {"type": "function", "function": {"name": "GetWeather"}}
+    done = client.chat.completions.parse(model=MODEL, messages=ASK, tools=[tool], tool_choice=named,
+                                         max_tokens=40, temperature=0)
+    parsed = done.choices[0].message.tool_calls[0].function.parsed_arguments
+    assert isinstance(parsed, GetWeather)
+    with client.chat.completions.stream(model=MODEL, messages=ASK, tools=[tool], tool_choice=named,
+                                        max_tokens=40, temperature=0) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert final.choices[0].message.tool_calls[0].function.parsed_arguments == parsed
 
 
 def test_parallel_required_calls_parse(client):
