@@ -7,7 +7,7 @@ names the field as data. A violation becomes an HTTP 400 whose ``param`` names t
 :func:`validation_error_body`).
 
 Nothing is silently ignored: a field shoal does not know is a 400, as OpenAI answers, and a field of
-the OpenAI or vLLM API that shoal does not implement (guided decoding, tools, beam search, ...) is a
+the OpenAI or vLLM API that shoal does not implement (beam search, logit_bias, audio, ...) is a
 400 naming it unless its value asks for nothing (``null``, ``false``, ``{"type": "text"}``: clients
 that send defaults keep working). Tools are read here (``tools``, ``tool_choice``,
 ``parallel_tool_calls``) and planned in ``router/tools``; the legacy ``functions`` / ``function_call``
