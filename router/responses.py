@@ -164,7 +164,7 @@ class ChatBuilder(_Builder):
         return ChatCompletionResponse(**self._envelope(), choices=choices, usage=self.gen.usage())
 
     def _tool_output(self) -> ToolCallOutput:
-        return ToolCallOutput(self.tools.parser(), parallel=self.tools.parallel)
+        return ToolCallOutput(self.tools.parser(self.tools.names), parallel=self.tools.parallel)
 
     def _entry(self, token_id: int, logprob: float) -> TopLogprob:
         token = self.tok.token_str(token_id)

@@ -45,11 +45,13 @@ class ParsedText:
 
 class CallReader:
     """One call being read: the scanner's name and arguments as ``CallDelta``s, the arguments held
-    until the name is out (a model may write them first); ``raw``: the text it used."""
+    until the name is out (a model may write them first); ``raw``: the text it used. A name that is
+    not one of ``names`` (when given) makes it no call: ``{"name": "Bob", "age": 30}`` is content."""
 
-    def __init__(self, index: int, arguments_keys: tuple[str, ...]) -> None:
+    def __init__(self, index: int, arguments_keys: tuple[str, ...], names: frozenset[str] | None = None) -> None:
         self.index = index
         self.scanner = CallScanner(arguments_keys)
+        self.names = names
         self.named = False
         self.raw = ""
 
@@ -57,7 +59,10 @@ class CallReader:
         used = self.scanner.feed(text)
         self.raw += text[:used]
         out: list[CallDelta] = []
-        if not self.named and self.scanner.name is not None and not self.scanner.failed:
+        name = self.scanner.name
+        if not self.named and name is not None and self.names is not None and name not in self.names:
+            self.scanner.failed = True
+        if not self.named and name is not None and not self.scanner.failed:
             self.named = True
             out.append(CallDelta(self.index, name=self.scanner.name))
         if self.named:
@@ -113,8 +118,12 @@ class ToolParser(ABC):
     arguments_key: str = "arguments"
     arguments_keys: tuple[str, ...] = ("arguments", "parameters")  # accepted when reading
 
-    def __init__(self) -> None:
+    def __init__(self, tool_names: frozenset[str] | None = None) -> None:
+        self.tool_names = tool_names  # None: any name is a call
         self.num_calls = 0  # calls started (named) so far
+
+    def _reader(self) -> CallReader:
+        return CallReader(self.num_calls, self.arguments_keys, self.tool_names)
 
     @abstractmethod
     def feed(self, text: str) -> ParsedText:

@@ -14,8 +14,8 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 class HermesToolParser(ToolParser):
     arguments_key = "arguments"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tool_names: frozenset[str] | None = None) -> None:
+        super().__init__(tool_names)
         self._buf = ""
         self._state = "text"  # text | call | close | skip
         self._call: CallReader | None = None
@@ -46,7 +46,7 @@ class HermesToolParser(ToolParser):
                     break
                 content.append(self._content.add(self._buf[:at]))
                 self._buf = self._buf[at + len(OPEN):]
-                self._call, self._state = CallReader(self.num_calls, self.arguments_keys), "call"
+                self._call, self._state = self._reader(), "call"
             elif self._state == "call":
                 used, deltas = self._call.feed(self._buf)
                 self._buf = self._buf[used:]

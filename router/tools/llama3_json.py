@@ -15,8 +15,8 @@ PYTHON_TAG = "<|python_tag|>"
 class Llama3JsonToolParser(ToolParser):
     arguments_key = "parameters"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tool_names: frozenset[str] | None = None) -> None:
+        super().__init__(tool_names)
         self._buf = ""
         self._state = "start"  # start | call | between | next | text
         self._call: CallReader | None = None
@@ -58,7 +58,7 @@ class Llama3JsonToolParser(ToolParser):
                     break
                 if rest.startswith("{"):
                     self._buf = rest
-                    self._call, self._state = CallReader(self.num_calls, self.arguments_keys), "call"
+                    self._call, self._state = self._reader(), "call"
                 else:
                     self._state = "text"
             elif self._state == "call":

@@ -96,6 +96,11 @@ class ToolPlan:
     def forced(self) -> bool:
         return self.choice in ("required", "named")
 
+    @property
+    def names(self) -> frozenset[str]:
+        """The names a call may have: one of the tools', the named one's when named."""
+        return frozenset([self.named] if self.named else [t.function.name for t in self.tools])
+
     def template_tools(self) -> list[dict]:
         return [t.for_template() for t in self.tools]
 

@@ -155,3 +155,18 @@ def test_history_rendering_round_trips_through_the_parser():
     for cls in (HermesToolParser, Llama3JsonToolParser):
         text = cls.call_text([("f", {"a": 1}), ("g", {})])
         assert calls_of(cls().parse(text)) == [("f", '{"a": 1}'), ("g", "{}")], cls
+
+
+def test_a_name_that_is_no_tool_is_content():
+    names = frozenset({"get_weather"})
+    for cls, text in ((Llama3JsonToolParser, '{"name": "Bob", "age": 30}'),
+                      (HermesToolParser, 'Hi <tool_call>{"name": "get_time", "arguments": {}}</tool_call>')):
+        assert cls(names).parse(text) == ParsedText(text), cls
+        parser, pieces = cls(names), []
+        for ch in text:
+            part = parser.feed(ch)
+            assert not part.calls
+            pieces.append(part.content)
+        assert "".join(pieces) + parser.finish().content == text
+    ok = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    assert calls_of(Llama3JsonToolParser(names).parse(ok)) == [("get_weather", '{"city": "Paris"}')]
