@@ -98,7 +98,8 @@ class EtcdRouter:
                              "set pools.<role>.engine.tokenizer in the spec")
         return Tokenizer.from_path(path)
 
-    def _config(self) -> RouterConfig:
+    def router_config(self) -> RouterConfig:
+        """The settings it serves with: the edge's (limits, CORS, API key), the spec's placement and tools."""
         router = self.spec.router
         options = dict(router.policy_options)
         if router.policy == "prefix_aware":
@@ -108,7 +109,8 @@ class EtcdRouter:
             cold = DEFAULT_COLD_START_WAIT_S  # a pool may be at zero: hold its requests while one starts
         return dataclasses.replace(self.base_config, placement=router.policy, placement_options=options,
                                    health_interval_s=self.health_interval_s, cold_start_wait_s=cold,
-                                   disagg_min_prefill_tokens=router.disagg_min_prefill_tokens)
+                                   disagg_min_prefill_tokens=router.disagg_min_prefill_tokens,
+                                   tool_call_parser=router.tool_call_parser)
 
     async def start(self) -> int:
         """Listen, follow membership, become ready, register; -> the bound port. Raises (leaving
@@ -121,7 +123,7 @@ class EtcdRouter:
         return self.bound[1]
 
     async def _start(self) -> None:
-        config = self._config()
+        config = self.router_config()
         self.pool = make_pool(config)
         app = create_app(config, self.pool, await asyncio.to_thread(self._tokenizer), metrics=self.metrics,
                          on_demand=self._signal_demand)

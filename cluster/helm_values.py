@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.cluster.autoscale import available_policies, policy_options
+from shoal.router.tools import available_tool_parsers
 from shoal.cluster.spec import POOL_ROLES
 from shoal.workers.config import EngineConfig
 from shoal.workers.disagg_config import DisaggConfig
@@ -168,7 +169,8 @@ def values_schema() -> dict:
     deployment = obj({
         "name": STR,
         "router": obj({"policy": {"type": "string", "minLength": 1}, "policy_options": MAP,
-                       "disagg_min_prefill_tokens": NONNEG}),
+                       "disagg_min_prefill_tokens": NONNEG,
+                       "tool_call_parser": {"enum": [None, *available_tool_parsers()]}}),
         "etcd": obj({"prefix": {"type": "string", "pattern": r"^(/[A-Za-z0-9_.-]+)+$"}}),
         "engine": options_object(engine_options(), "EngineConfig defaults of every pool"),
         "pools": pools, "autoscaling": autoscaling,

@@ -274,10 +274,18 @@ class RouterSpec:
     policy_options: Mapping[str, Any] = field(default_factory=dict)  # passed to make_policy
     # With prefill + decode pools: a prompt whose uncached part is shorter goes straight to decode.
     disagg_min_prefill_tokens: int = 512
+    # The served model's tool-call format (RouterConfig.tool_call_parser, checked by its declaration).
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
-        from shoal.router.placement import available_policies  # torch-free
+        from shoal.router.config import RouterConfig  # torch-free
+        from shoal.router.placement import available_policies
+        from shoal.workers.options import OptionError, check_mapping
 
+        try:
+            check_mapping(RouterConfig, {"tool_call_parser": self.tool_call_parser}, "")
+        except OptionError as e:
+            raise SpecError("tool_call_parser", e.message) from None
         _check_int(self.replicas, "replicas", minimum=1)
         _check_int(self.disagg_min_prefill_tokens, "disagg_min_prefill_tokens", minimum=0)
         _check_int(self.port, "port", minimum=1, maximum=65535)
@@ -290,12 +298,13 @@ class RouterSpec:
     def to_dict(self) -> dict:
         return {"replicas": self.replicas, "policy": self.policy, "port": self.port,
                 "policy_options": dict(self.policy_options),
-                "disagg_min_prefill_tokens": self.disagg_min_prefill_tokens}
+                "disagg_min_prefill_tokens": self.disagg_min_prefill_tokens,
+                **({"tool_call_parser": self.tool_call_parser} if self.tool_call_parser else {})}
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "router") -> "RouterSpec":
-        d = _mapping(data, path, ("replicas", "policy", "port", "policy_options", "disagg_min_prefill_tokens"),
-                     "a router field")
+        d = _mapping(data, path, ("replicas", "policy", "port", "policy_options", "disagg_min_prefill_tokens",
+                                  "tool_call_parser"), "a router field")
         with _under(path):
             return cls(**d)
 

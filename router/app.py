@@ -55,8 +55,8 @@ from .openai_protocol import (ChatCompletionRequest, CompletionRequest, Detokeni
 from .respond import hold_for_worker, respond
 from .responses import ChatBuilder, CompletionBuilder
 from .tokenization import Prompt, RouterTokenizer
-from .validation import (check_limits, check_model, child_params, read_request, resolve_max_tokens, run_tokenizer,
-                         sampling_params, token_filters)
+from .validation import (chat_tools, check_limits, check_model, child_params, read_request, resolve_max_tokens,
+                         run_tokenizer, sampling_params, token_filters)
 
 # Paths that answer without the API key: probes and scrapers carry none, and the schema describes only.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs",
@@ -129,15 +129,18 @@ def _add_generation_routes(app: FastAPI, ctx: RouterContext) -> None:
         req = await read_request(request, ChatCompletionRequest, cfg)
         await hold_for_worker(request, ctx)
         model = check_model(ctx, req.model)
+        tools = chat_tools(req, cfg.tool_call_parser, tok.tokenizer.chat_template)
+        if tools.constraint is not None:
+            req.force_tool_call(tools.constraint)
         params = sampling_params(req)
         # Template errors (raise_exception, bad roles) are the caller's.
-        messages = [m.for_template() for m in req.messages]
-        prompt = await run_tokenizer(tok.encode_chat, messages, req.add_generation_prompt,
-                                     req.continue_final_message, req.chat_template_kwargs, field="messages",
+        kwargs = {**(req.chat_template_kwargs or {}), **tools.template_kwargs}
+        prompt = await run_tokenizer(tok.encode_chat, tools.messages, req.add_generation_prompt,
+                                     req.continue_final_message, kwargs, field="messages",
                                      prefix="messages: the chat template failed: ")
         gen = _generation(ctx, request, req, params, "chat_completions", [prompt], "messages", None)
-        return await respond(request, ctx, gen, ChatBuilder(gen, model, tok, req.prompt_logprobs), req.stream,
-                             req.include_usage)
+        return await respond(request, ctx, gen, ChatBuilder(gen, model, tok, req.prompt_logprobs, tools.plan),
+                             req.stream, req.include_usage)
 
 
 def _generation(ctx: RouterContext, request: Request, req: CompletionRequest | ChatCompletionRequest,
@@ -181,8 +184,9 @@ def _add_tokenizer_routes(app: FastAPI, ctx: RouterContext) -> None:
         check_model(ctx, req.model)
         field = "messages" if req.messages else "prompt"
         if req.messages is not None:
-            prompt = await run_tokenizer(tok.encode_chat, [m.for_template() for m in req.messages],
-                                         req.add_generation_prompt, field=field, prefix=f"{field}: ")
+            tools = chat_tools(req, cfg.tool_call_parser, tok.tokenizer.chat_template)
+            prompt = await run_tokenizer(tok.encode_chat, tools.messages, req.add_generation_prompt, False,
+                                         tools.template_kwargs, field=field, prefix=f"{field}: ")
             ids = list(prompt.token_ids)
         else:
             ids = await run_tokenizer(tok.tokenizer.encode, req.prompt, req.add_special_tokens, field=field,

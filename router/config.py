@@ -13,6 +13,8 @@ from typing import Mapping
 
 from shoal.workers.options import option, validate
 
+from .tools import available_tool_parsers
+
 
 @dataclass(frozen=True, eq=False)
 class RouterConfig:
@@ -24,6 +26,13 @@ class RouterConfig:
                             flag="--policy")
     placement_options: Mapping[str, object] = option(default_factory=dict, help="the placement policy's options",
                                                      cli=False)
+
+    # Tool calling (router/tools): the format of the served model's calls. Unset, tool_choice 'auto' (the
+    # default with tools) is refused; 'required' and named calls are forced in the hermes format.
+    tool_call_parser: str | None = option(
+        None, "read tool calls from the model's text in this format, which enables tool_choice 'auto' "
+              "(vLLM's --enable-auto-tool-choice --tool-call-parser): hermes (Qwen2.5, Hermes, SmolLM2), "
+              "llama3_json (Llama 3.x)", choices=available_tool_parsers())
 
     max_prompt_tokens: int | None = option(
         None, "prompt length limit; None: the smallest max_model_len of the workers, less one generated token",

@@ -7,9 +7,11 @@ names the field as data. A violation becomes an HTTP 400 whose ``param`` names t
 :func:`validation_error_body`).
 
 Nothing is silently ignored: a field shoal does not know is a 400, as OpenAI answers, and a field of
-the OpenAI or vLLM API that shoal does not implement (guided decoding, tools, beam search, ...) is a
+the OpenAI or vLLM API that shoal does not implement (beam search, logit_bias, audio, ...) is a
 400 naming it unless its value asks for nothing (``null``, ``false``, ``{"type": "text"}``: clients
-that send defaults keep working). Structured output has four spellings, all accepted and each refused
+that send defaults keep working). Tools are read here (``tools``, ``tool_choice``,
+``parallel_tool_calls``) and planned in ``router/tools``; the legacy ``functions`` / ``function_call``
+stay refused by name. Structured output has four spellings, all accepted and each refused
 in combination with another (:meth:`_SamplingRequest.structured_constraint`). vLLM's extra sampling
 fields (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ...) are accepted
 at the top level, which is where the official client's ``extra_body`` puts them.
@@ -21,10 +23,12 @@ import time
 from abc import abstractmethod
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from shoal.workers.engine.sampling_params import InvalidParam, SamplingParams
 from shoal.workers.engine.structured_outputs import StructuredOutputs, check
+
+from .tools.request import TOOL_CHOICE_SCHEMA, ChatTool, parse_tool_choice
 
 # -- errors ---------------------------------------------------------------------------------------------
 
@@ -217,6 +221,20 @@ class _SamplingRequest(_Request):
     def structured_constraint(self) -> tuple[str, StructuredOutputs] | None:
         """(the field it is spelled as, the constraint) or None; ``InvalidParam`` naming the field
         when a second one is set or the first is malformed (not compiled: :meth:`to_sampling_params`)."""
+        found = self._constraints()
+        if not found:
+            return None
+        if len(found) > 1:
+            raise InvalidParam(found[1][0], f"{found[1][0]}: only one structured-output constraint per request, "
+                                            f"and {found[0][0]} is already set")
+        name, build = found[0]
+        try:
+            return name, build()
+        except InvalidParam as e:
+            raise InvalidParam(name, e.renamed(name), e.reason) from None
+
+    def _constraints(self) -> list[tuple[str, Any]]:
+        """(field, builder) of every constraint the request spells."""
         found: list[tuple[str, Any]] = []
         rf = self.response_format
         if rf is not None and rf.type == "json_object":
@@ -234,16 +252,7 @@ class _SamplingRequest(_Request):
             value = getattr(self, f"guided_{key}")
             if value is not None:
                 found.append((f"guided_{key}", _constraint(key, value)))
-        if not found:
-            return None
-        if len(found) > 1:
-            raise InvalidParam(found[1][0], f"{found[1][0]}: only one structured-output constraint per request, "
-                                            f"and {found[0][0]} is already set")
-        name, build = found[0]
-        try:
-            return name, build()
-        except InvalidParam as e:
-            raise InvalidParam(name, e.renamed(name), e.reason) from None
+        return found
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -455,14 +464,14 @@ class ChatMessage(BaseModel):
         return out
 
 
-_TOOLS = "tool calling"
+_LEGACY = "the legacy function-calling field (use tools and tool_choice)"
 
 
 class ChatCompletionRequest(_SamplingRequest):
     unsupported: ClassVar[dict[str, tuple[tuple, str]]] = {
         **_SAMPLING_UNSUPPORTED,
-        "tools": (([],), _TOOLS), "tool_choice": (("none", "auto"), _TOOLS), "functions": (([],), _TOOLS),
-        "function_call": (("none", "auto"), _TOOLS), "parallel_tool_calls": ((), _TOOLS),
+        "functions": (([],), f"functions, {_LEGACY},"),
+        "function_call": (("none", "auto"), f"function_call, {_LEGACY},"),
         "audio": ((), "audio output"), "modalities": ((["text"],), "modalities other than ['text']"),
         "reasoning_effort": ((), "reasoning_effort"), "web_search_options": ((), "web search"),
         "chat_template": ((), "a per-request chat_template"),
@@ -477,9 +486,27 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # tool calling (router/tools)
+    tools: list[ChatTool] | None = None
+    tool_choice: Any = Field(None, json_schema_extra=TOOL_CHOICE_SCHEMA)
+    parallel_tool_calls: bool | None = None
+    _tool_constraint: StructuredOutputs | None = PrivateAttr(None)
+
+    def force_tool_call(self, constraint: StructuredOutputs) -> None:
+        """``tool_choice`` required or named: the call's grammar becomes the request's constraint."""
+        self._tool_constraint = constraint
+
+    def _constraints(self) -> list[tuple[str, Any]]:
+        own = super()._constraints()
+        if self._tool_constraint is None:
+            return own
+        spec = self._tool_constraint
+        return [("tool_choice", lambda: spec), *own]
 
     @model_validator(mode="after")
     def _checks(self):
+        if self.tool_choice is not None:
+            parse_tool_choice(self.tool_choice)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidParam("top_logprobs", "top_logprobs: requires logprobs to be true")
         if self.continue_final_message and self.add_generation_prompt:
@@ -506,6 +533,7 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None  # rendered as a chat request's would be
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
@@ -592,9 +620,21 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text of an object
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -618,7 +658,7 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatStreamChoice(BaseModel):
     index: int
-    delta: dict[str, str]  # {"role": "assistant"} first, then {"content": "..."}
+    delta: dict[str, Any]  # {"role": "assistant"} first, then {"content": "..."} and/or {"tool_calls": [...]}
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None

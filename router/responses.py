@@ -15,8 +15,10 @@ from .choice import Choice, Event
 from .openai_protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionResponse,
                               ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
                               CompletionChunk, CompletionLogprobs, CompletionResponse, PromptLogprob,
-                              PromptLogprobs, TopLogprob, Usage)
+                              PromptLogprobs, ToolCall, TopLogprob, Usage)
 from .tokenization import Prompt, RouterTokenizer
+from .tools.output import ToolCallOutput, whole_message
+from .tools.request import ToolPlan
 
 if TYPE_CHECKING:
     from .generation import Generation
@@ -26,7 +28,8 @@ class ResponseBuilder(Protocol):
     def start_chunks(self) -> list[BaseModel]:
         """What a stream sends before any token."""
 
-    def event_chunk(self, ev: Event) -> BaseModel: ...
+    def event_chunk(self, ev: Event) -> BaseModel | None:
+        """The chunk of one event; None when it has nothing to show yet."""
 
     def usage_chunk(self) -> BaseModel: ...
 
@@ -175,10 +178,17 @@ class CompletionBuilder(_Builder):
 
 
 class ChatBuilder(_Builder):
-    """``/v1/chat/completions`` bodies: assistant messages, per-token logprob objects."""
+    """``/v1/chat/completions`` bodies: assistant messages, per-token logprob objects, and with a tool
+    plan that reads calls, each choice's text split into content and tool calls (``router/tools``)."""
 
     id_prefix = "chatcmpl"
     chunk_type = ChatCompletionChunk
+
+    def __init__(self, gen: Generation, model: str, tok: RouterTokenizer, prompt_logprobs: int | None = None,
+                 tools: ToolPlan | None = None) -> None:
+        super().__init__(gen, model, tok, prompt_logprobs)
+        self.tools = tools if tools is not None and tools.parses else None
+        self._outputs: dict[int, ToolCallOutput] = {}  # choice index -> its stream's parser
 
     def start_chunks(self) -> list[BaseModel]:
         return [self._chunk([ChatStreamChoice(index=c.index, delta={"role": "assistant", "content": ""})])
@@ -186,22 +196,44 @@ class ChatBuilder(_Builder):
 
     _sent_prompt_logprobs = False  # a stream sends them once: every choice has the same prompt
 
-    def event_chunk(self, ev: Event) -> BaseModel:
+    def event_chunk(self, ev: Event) -> BaseModel | None:
         c = ev.choice
-        chunk = self._chunk([ChatStreamChoice(index=c.index, delta={"content": ev.text} if ev.text else {},
-                                              logprobs=self._logprobs(c, ev.logprobs), **self._ending(ev))])
+        ending = self._ending(ev)
+        if self.tools is None:
+            delta = {"content": ev.text} if ev.text else {}
+        else:
+            out = self._outputs.get(c.index)
+            if out is None:
+                out = self._outputs[c.index] = self._tool_output()
+            delta = out.delta(ev.text, ev.finished)
+            if ending:
+                ending["finish_reason"] = out.finish_reason(ending["finish_reason"])
+            elif not delta and not ev.logprobs and ev.prompt_logprobs is None:
+                return None
+        chunk = self._chunk([ChatStreamChoice(index=c.index, delta=delta, logprobs=self._logprobs(c, ev.logprobs),
+                                              **ending)])
         if ev.prompt_logprobs is not None and not self._sent_prompt_logprobs:
             self._sent_prompt_logprobs = True
             chunk.prompt_logprobs = self._prompt_logprobs(ev.prompt_logprobs)
         return chunk
 
     def response(self) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=index, message=ChatResponseMessage(content=c.text),
-                              logprobs=self._logprobs(c, c.logprobs), finish_reason=c.finish_reason,
-                              stop_reason=c.stop_reason) for index, c in self.gen.final_choices()]
+        choices = []
+        for index, c in self.gen.final_choices():
+            message, finish_reason = ChatResponseMessage(content=c.text), c.finish_reason
+            if self.tools is not None:
+                out = self._tool_output()
+                content, calls = whole_message(out, c.text)
+                message = ChatResponseMessage(content=content, tool_calls=[ToolCall(**t) for t in calls] or None)
+                finish_reason = out.finish_reason(finish_reason)
+            choices.append(ChatChoice(index=index, message=message, logprobs=self._logprobs(c, c.logprobs),
+                                      finish_reason=finish_reason, stop_reason=c.stop_reason))
         first = next((c.prompt_logprobs for c in self.gen.choices if c.prompt_logprobs is not None), None)
         return ChatCompletionResponse(**self._envelope(), choices=choices, usage=self.gen.usage(),
                                       prompt_logprobs=self._prompt_logprobs(first))
+
+    def _tool_output(self) -> ToolCallOutput:
+        return ToolCallOutput(self.tools.parser(self.tools.names), parallel=self.tools.parallel)
 
     def _entry(self, token_id: int, logprob: float) -> TopLogprob:
         token = self.tok.token_str(token_id)

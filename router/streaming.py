@@ -48,7 +48,9 @@ async def stream_events(gen: Generation, builder: ResponseBuilder, first: Event 
             if event.error is not None:  # after the first token: end the stream with the error
                 yield sse(event.error.body())
                 break
-            yield sse(builder.event_chunk(event))
+            chunk = builder.event_chunk(event)
+            if chunk is not None:  # None: the event says nothing yet (text held back by a tool parser)
+                yield sse(chunk)
             event = await gen.next_event()
         else:
             if include_usage:

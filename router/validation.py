@@ -1,8 +1,9 @@
 """From an HTTP request to checked values, refused at the edge with a 4xx naming the field.
 
 The order an endpoint follows: :func:`read_request` (body timeout 408, size limit 413, nesting depth,
-JSON and schema 400) -> :func:`check_model` (400 on ``model``) -> :func:`sampling_params` (``SamplingParams``'
-own checks, 400 naming the field) -> :func:`run_tokenizer` (tokenizer and chat-template failures are the
+JSON and schema 400) -> :func:`check_model` (400 on ``model``) -> :func:`chat_tools` (chat: tools and
+tool_choice, 400 naming the field) -> :func:`sampling_params` (``SamplingParams``' own checks, 400
+naming the field) -> :func:`run_tokenizer` (tokenizer and chat-template failures are the
 caller's: 400) -> :func:`check_limits` and :func:`resolve_max_tokens` (the config's and the context
 length's limits) -> :func:`child_params` (the resolved max_tokens, checked by ``SamplingParams`` again).
 """
@@ -23,8 +24,9 @@ from shoal.workers.engine.sampling_params import SamplingParams
 from .config import RouterConfig
 from .context import RouterContext
 from .errors import ApiError, bad_value
-from .openai_protocol import _SamplingRequest, validation_error_body
+from .openai_protocol import ChatCompletionRequest, TokenizeRequest, _SamplingRequest, validation_error_body
 from .tokenization import Prompt, RouterTokenizer
+from .tools.chat import ChatTools, prepare_chat_tools
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -216,6 +218,20 @@ def _prompt_limit(config: RouterConfig, max_len: int) -> tuple[int, str]:
     if config.max_prompt_tokens is not None and config.max_prompt_tokens < limit:
         limit, why = config.max_prompt_tokens, "max_prompt_tokens"
     return limit, why
+
+
+def chat_tools(req: ChatCompletionRequest | TokenizeRequest, configured_parser: str | None,
+               chat_template: str | None) -> ChatTools:
+    """The request's tools planned (a forced call compiled), and the messages as the template's input;
+    a 400 naming the field (``tool_choice``, ``tools.<i>.function.parameters``, ``messages.<i>.tool_calls``).
+    ``/tokenize`` renders its tools as a chat request with ``tool_choice: "none"`` would."""
+    chat = isinstance(req, ChatCompletionRequest)
+    try:
+        return prepare_chat_tools([m.for_template() for m in req.messages], req.tools,
+                                  req.tool_choice if chat else "none", req.parallel_tool_calls if chat else None,
+                                  configured_parser, chat_template)
+    except ValueError as e:
+        raise bad_value(e) from None
 
 
 def sampling_params(req: _SamplingRequest) -> SamplingParams:

@@ -50,6 +50,20 @@ def test_round_trips_through_dict_json_and_yaml(example, tmp_path):
     assert DeploymentSpec.from_yaml(yaml.safe_dump(example.to_dict())) == example
 
 
+def test_the_tool_call_parser_is_the_spec_s_and_reaches_every_router():
+    from shoal.cluster.cli import build_parser
+    from shoal.cluster.etcd_router import EtcdRouter
+
+    spec = DeploymentSpec.from_dict({"name": "t", "model": "m", "pools": {"unified": {}},
+                                     "router": {"tool_call_parser": "llama3_json"}})
+    assert spec.router.tool_call_parser == "llama3_json" and DeploymentSpec.from_dict(spec.to_dict()) == spec
+    assert EtcdRouter(spec, client=None).router_config().tool_call_parser == "llama3_json"
+    assert "tool_call_parser" not in RouterSpec().to_dict()  # unset: specs written before it stay the same
+    # `shoal router` takes it from the spec, like placement: one deployment, one format
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["router", "--etcd", "h:1", "--deployment", "t", "--tool-call-parser", "hermes"])
+
+
 def test_a_minimal_spec_takes_the_defaults():
     spec = DeploymentSpec.from_dict({"name": "tiny", "model": "m", "pools": {"unified": {}}})
     assert spec.pools["unified"] == PoolSpec()
@@ -120,6 +134,8 @@ BAD = [
     (_set("router.port", 70000), "router.port must be <= 65535, got 70000"),
     (_set("router.replicas", 0), "router.replicas must be >= 1, got 0"),
     (_set("router.policy", "random"), "router.policy must be one of ['least_load', 'prefix_aware'"),
+    (_set("router.tool_call_parser", "qwen"), "router.tool_call_parser must be one of 'hermes', 'llama3_json', "
+                                              "got 'qwen'"),
     (_set("etcd.endpoints", "etcd-0"), "etcd.endpoints is invalid: etcd endpoint 'etcd-0' must be host:port"),
     (_set("etcd.endpoints", 2379), "etcd.endpoints must be 'host:port[,host:port]' or a list"),
     (_set("etcd.prefix", "shoal/"), "etcd.prefix must look like '/shoal'"),

@@ -164,6 +164,17 @@ def test_helm_upgrade_of_the_spec_rolls_launcher_and_routers(helm, tmp_path):
     assert find(before, "Deployment", "-launcher")["spec"]["strategy"]["type"] == "Recreate"
 
 
+def test_the_tool_call_parser_reaches_the_spec(helm, tmp_path):
+    values = tmp_path / "tools.yaml"
+    values.write_text("deployment:\n  router:\n    tool_call_parser: hermes\n")
+    spec = DeploymentSpec.from_yaml(find(helm.template(str(values)), "ConfigMap", "-spec")["data"]["deploy.yaml"])
+    assert spec.router.tool_call_parser == "hermes"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("deployment:\n  router:\n    tool_call_parser: qwen\n")
+    out = helm.run("template", "demo", str(Path(__file__).resolve().parents[2] / "helm" / "shoal"), "-f", str(bad))
+    assert out.returncode != 0 and "tool_call_parser" in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize("bad", sorted(p.name for p in (VALUES / "bad").glob("*.yaml")))
 def test_bad_values_are_refused_naming_the_path(helm, bad):
     path = VALUES / "bad" / bad

@@ -73,10 +73,8 @@ UNSUPPORTED = [
     ("/v1/completions", "suffix", " the end"),
     ("/v1/completions", "logits_processors", ["x"]),
     ("/v1/chat/completions", "guided_decoding_backend", "llguidance"),
-    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("/v1/chat/completions", "tool_choice", "required"),
     ("/v1/chat/completions", "functions", [{"name": "f"}]),
-    ("/v1/chat/completions", "parallel_tool_calls", True),
+    ("/v1/chat/completions", "function_call", {"name": "f"}),
 ]
 
 
@@ -317,3 +315,6 @@ def test_openapi_declares_the_request_bodies(serve, tok):
     assert refs and all(ref in components for ref in refs)
     # The unsupported fields are not offered: a schema-driven client never sends them.
     assert "guided_decoding_backend" not in components["CompletionRequest"]["properties"]
+    chat = components["ChatCompletionRequest"]["properties"]
+    assert {"tools", "tool_choice", "parallel_tool_calls"} <= set(chat) and "functions" not in chat
+    assert {"none", "auto", "required"} <= set(chat["tool_choice"]["anyOf"][0]["enum"])
