@@ -86,7 +86,8 @@ class LiveRun:
     requests: list[tuple[float, RequestResult]]  # (arrival offset, result), in trace order
     samples: list[tuple[float, int, int]]  # (seconds since the load began, serving, starting)
     cold_starts_s: list[float]  # decision to serving, per replica added
-    shrunk_after_s: float | None  # seconds after the last request ended until the pool was at its minimum
+    grown_at_s: float | None  # when the pool first had more than its minimum (serving or starting)
+    shrunk_at_s: float | None  # when it was back at its minimum after that (None: not within settle_s)
     load_s: float  # seconds from the first arrival to the last request's end
 
 
@@ -120,8 +121,12 @@ class _Watch:
     def cold_starts(self) -> list[float]:
         return [self.served[n] - self.started[n] for n in self.served]
 
-    def at_minimum(self, minimum: int) -> bool:
-        return self.controller.counts(POOL) == (minimum, 0)
+    def grown_and_shrunk(self, minimum: int) -> tuple[float | None, float | None]:
+        """When the pool first went above ``minimum``, and when it was back at it after that."""
+        grown = next((t for t, s, st in self.samples if s + st > minimum), None)
+        if grown is None:
+            return None, None
+        return grown, next((t for t, s, st in self.samples if t > grown and (s, st) == (minimum, 0)), None)
 
 
 async def _send_trace(url: str, trace: Trace, t0: float) -> list[tuple[float, RequestResult]]:
@@ -159,12 +164,7 @@ async def run_live(spec: DeploymentSpec, trace: Trace, client, etcd_endpoint: st
         try:
             requests = await _send_trace(url, trace, t0)
             load_s = time.monotonic() - t0
-            ended = time.monotonic()
-            shrunk = None
-            while time.monotonic() - ended < cal.settle_s:
-                if watch.at_minimum(cal.min_replicas):
-                    shrunk = time.monotonic() - ended
-                    break
+            while time.monotonic() - t0 - load_s < cal.settle_s and watch.grown_and_shrunk(cal.min_replicas)[1] is None:
                 await asyncio.sleep(0.2)
         finally:
             watch_stop.set()
@@ -173,7 +173,7 @@ async def run_live(spec: DeploymentSpec, trace: Trace, client, etcd_endpoint: st
             await runner
     finally:
         await launch.stop()
-    return LiveRun(requests, watch.samples, watch.cold_starts(), shrunk, load_s)
+    return LiveRun(requests, watch.samples, watch.cold_starts(), *watch.grown_and_shrunk(cal.min_replicas), load_s)
 
 
 # -- the replay and the comparison ------------------------------------------------------------------
@@ -296,7 +296,8 @@ async def calibrate(cal: Calibration, profile: Profile, profile_path: str, token
     ttft = next(r for r in rows if r["figure"] == "ttft_p90_s")
     return {"benchmark": "calibrate", "env": environment(), "settings": cal.__dict__ | {"engine": dict(cal.engine)},
             "profile": profile.to_dict(), "cold_start_s": cold, "cold_starts_s": live.cold_starts_s,
-            "shrunk_after_s": live.shrunk_after_s, "load_s": live.load_s,
+            "grown_at_s": live.grown_at_s, "shrunk_at_s": live.shrunk_at_s, "load_s": live.load_s,
+            "step_s": [cal.base_s, cal.base_s + cal.peak_s],
             "ttft_p90_error": ttft["error"], "within_tolerance": ttft["error"] is not None
             and abs(ttft["error"]) <= TOLERANCE, "results": rows,
             "live_samples": live.samples, "sim_events": sim.events,
@@ -306,7 +307,7 @@ async def calibrate(cal: Calibration, profile: Profile, profile_path: str, token
 
 def report(payload: dict) -> str:
     rows = [dict(r, error=None if r["error"] is None else f"{r['error'] * 100:+.1f}%") for r in payload["results"]]
-    shrunk = payload["shrunk_after_s"]
+    grown, shrunk, (step, end) = payload["grown_at_s"], payload["shrunk_at_s"], payload["step_s"]
     verdict = "within" if payload["within_tolerance"] else "NOT within"
     return "\n".join([
         format_table(rows, ("figure", "live", "simulated", "error"),
@@ -315,8 +316,9 @@ def report(payload: dict) -> str:
                            f"slo policy) against the simulator on the same requests"),
         f"cold start (decision to serving): {payload['cold_start_s']:.1f} s "
         f"({', '.join(f'{c:.1f}' for c in payload['cold_starts_s']) or 'no replica added'})",
-        "back at the minimum " + (f"{shrunk:.1f} s after the load" if shrunk is not None
-                                  else f"NOT within {payload['settings']['settle_s']:g} s of the load's end"),
+        f"the step: {step:g} s to {end:g} s; the last request ended at {payload['load_s']:.1f} s; the pool grew at "
+        + (f"{grown:.1f} s" if grown is not None else "no time (it never grew)") + ", was back at its minimum at "
+        + (f"{shrunk:.1f} s" if shrunk is not None else f"no time within {payload['settings']['settle_s']:g} s"),
         f"simulated TTFT p90 {verdict} {TOLERANCE * 100:.0f} % of the live one"])
 
 

@@ -17,7 +17,7 @@ from ray_support import two_node_cluster  # first: it sets Ray's environment
 
 from shoal.cluster.bench.calibrate import TOLERANCE, Calibration, calibrate, measure_profile, report  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # timing: alone, after the parallel run
 
 CAL = Calibration(base_rate=0.5, peak_rate=2.0, base_s=5.0, peak_s=20.0, settle_s=45.0)
 
@@ -35,5 +35,6 @@ def test_a_load_step_scales_the_pool_and_the_simulator_predicts_its_ttft(tmp_pat
     assert figures["requests"]["live"] == figures["requests"]["simulated"] > 20
     assert figures["max_replicas"]["live"] >= 2, payload["live_samples"]
     assert payload["cold_starts_s"], "the replicas added were timed from decision to serving"
-    assert payload["shrunk_after_s"] is not None, "the pool shrinks back to its minimum after the load"
+    assert payload["grown_at_s"] > payload["step_s"][0], "the pool grows once the step begins"
+    assert payload["shrunk_at_s"] is not None, "the pool shrinks back to its minimum after the load"
     assert abs(payload["ttft_p90_error"]) <= TOLERANCE, report(payload)
