@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import activation
 from .triton_utils import cast_rne as _cast
 
 MAX_M = 8  # the largest token count the kernel serves; bigger batches go to cuBLAS
@@ -406,7 +407,5 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     table says so; otherwise cuBLAS then ``silu_and_mul`` (the Triton activation by default)."""
     cfg = table_config("gate_up_silu", x, weight)
     if cfg is None:
-        if silu_and_mul is None:
-            from .activation import silu_and_mul
-        return silu_and_mul(F.linear(x, weight, bias))
+        return (silu_and_mul or activation.silu_and_mul)(F.linear(x, weight, bias))
     return gemv_silu_and_mul(x, weight, bias, cfg)
