@@ -4,7 +4,8 @@
 # STEP: tests | gputests | gemv | base | a-repeat | async | limits | profile | profile-b | latency | serve  (each writes its logs and JSON as it finishes).
 # serve: `shoal serve` on the 8B shape (dummy weights, Llama 3's tokenizer from tests/data) and
 # `shoal bench serve` with exactly the dataset/config blocks of ../shared/peer/h200-2026-12-02/shoal_serve_c*.json.
-# shoal itself runs from this checkout. SERVE_FLAGS: extra `shoal serve` flags (e.g. --async-scheduling).
+# shoal itself runs from this checkout. SERVE_FLAGS: extra `shoal serve` flags (e.g. --async-scheduling);
+# SERVE_RUNS: the concurrency:requests runs, in order, on one server (default "1:64 16:128 64:256").
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT/r" /tmp/site/shoal
@@ -68,11 +69,13 @@ for s in "$@"; do
         kill -0 $srv 2> /dev/null || break
         sleep 0.5
       done
-      for c in 1:64 16:128 64:256; do
-        step "serve-c${c%%:*}" 240 shoal bench serve --base-url http://127.0.0.1:8100 --dataset random \
+      n=0
+      for c in ${SERVE_RUNS:-1:64 16:128 64:256}; do  # concurrency:requests
+        n=$((n + 1))
+        step "serve-$n-c${c%%:*}" 240 shoal bench serve --base-url http://127.0.0.1:8100 --dataset random \
           --num-prompts "${c##*:}" --input-len 512 --output-len 128 --range-ratio 0 --prompt-format ids \
           --token-id-range 1000 20000 --max-concurrency "${c%%:*}" --seed "${c%%:*}" --temperature 0 --session-key user \
-          --result-file "$OUT/r/serve-c${c%%:*}.json"
+          --save-detailed --result-file "$OUT/r/serve-$n-c${c%%:*}.json"
       done
       kill -TERM $srv; wait $srv; echo "serve exit $?" >> "$OUT/r/summary.txt"; pack ;;
     profile)
