@@ -179,7 +179,7 @@ def bench_gemv(
                 except Exception as exc:  # a config that does not compile or run is a row, not a crash
                     row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
                 finally:  # fresh split-K counters: a config that left them dirty cannot spoil the next
-                    _gemv_module._COUNTERS.by_stream.clear()
+                    _gemv_module.reset_split_counters()
                 rows.append(row)
                 return row
 

@@ -297,8 +297,17 @@ class _Counters(threading.local):
             self.by_stream[key] = buf
         return buf
 
+    def clear(self) -> None:
+        self.by_stream.clear()
+
 
 _COUNTERS = _Counters()
+
+
+def reset_split_counters() -> None:
+    """Drop this thread's split-K counters (fresh zeros at the next call): a benchmark does this between
+    configs, so one that stopped mid-launch and left a counter non-zero cannot spoil the next."""
+    _COUNTERS.clear()
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int, silu_mul: bool,

@@ -98,6 +98,9 @@ class EngineCore:
         self._count(t1 - t0, execute_s, self._clock() - t2)
         return outputs
 
+    def reset_times(self) -> None:
+        self.times = StepTimes()
+
     def _count(self, schedule_s: float, execute_s: float, update_s: float) -> None:
         t = self.times
         t.schedule_s += schedule_s

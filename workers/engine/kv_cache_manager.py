@@ -32,6 +32,10 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (only when no request holds a block: False otherwise)."""
+        return self.pool.reset_prefix_cache()
+
     def block_counts(self) -> BlockCounts:
         """Total / free / cached / in-use blocks of the pool (what metrics and leak checks read)."""
         return self.pool.counts()

@@ -132,6 +132,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -- one step -------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        """Counters from zero again (after the engine's warm-up batches)."""
+        self.stats = SchedulerStats()
+
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}

@@ -154,6 +154,9 @@ class ModelRunner:
                                        config.max_model_len, default_capture_sizes(max_seqs))
             self.graphs.capture()
 
+    def reset_times(self) -> None:
+        self.times = RunnerTimes()
+
     @staticmethod
     @torch.inference_mode()
     def _compile_lm_head(model: LlamaForCausalLM, max_seqs: int) -> None:
