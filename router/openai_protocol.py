@@ -64,7 +64,11 @@ def validation_error_body(err: ValidationError) -> dict:
            if isinstance(p, int) or (str(p).isidentifier() and str(p) not in _TYPE_NAMES)]
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, InvalidParam):  # our own check: its message already names the field
-        return error_body(str(cause), param=".".join([*loc, cause.field]))
+        param = ".".join([*loc, cause.field])
+        msg = str(cause)
+        if loc and msg.startswith(cause.field):  # a nested model's check: name the field by its whole path
+            msg = param + msg[len(cause.field):]
+        return error_body(msg, param=param)
     param = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
         return error_body(f"{param}: unrecognized request argument; shoal refuses fields it does not know "
