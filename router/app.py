@@ -47,6 +47,7 @@ from .config import RouterConfig
 from .context import RouterContext
 from .errors import ApiError, add_error_handlers
 from .generation import Generation
+from .chat_template import load_chat_template
 from .cold_start import OnDemand
 from .metrics import CONTENT_TYPE, RouterMetrics
 from .middleware import CountRequests, RequestContext, RequireApiKey, access_record
@@ -60,8 +61,8 @@ from .responses_api.output import ResponsesBuilder
 from .responses_api.protocol import ResponsesRequest
 from .tokenization import Prompt, RouterTokenizer
 from .tools.chat import ChatTools
-from .validation import (chat_tools, check_limits, check_model, child_params, read_request, resolve_max_tokens,
-                         run_tokenizer, sampling_params, token_filters)
+from .validation import (chat_tools, check_limits, check_model, child_params, read_request, request_chat_template,
+                         resolve_max_tokens, run_tokenizer, sampling_params, token_filters)
 
 # Paths that answer without the API key: probes and scrapers carry none, and the schema describes only.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs",
@@ -83,6 +84,8 @@ def create_app(config: RouterConfig, pool: WorkerPool, tokenizer: Tokenizer | Ro
     handles) at shutdown; the pool must not be shared with another app. ``on_demand(bool)``: told
     while requests are held for a worker to start (``config.cold_start_wait_s``, ``cold_start.py``)."""
     tok = tokenizer if isinstance(tokenizer, RouterTokenizer) else RouterTokenizer(tokenizer)
+    if config.chat_template is not None:  # checked by RouterConfig: it loads and compiles
+        tok = tok.with_chat_template(load_chat_template(config.chat_template))
     ctx = RouterContext(config, pool, tok, metrics or RouterMetrics(), clock, on_demand)
 
     @asynccontextmanager
@@ -157,12 +160,13 @@ async def _chat_generation(ctx: RouterContext, request: Request, req: ChatComple
                            endpoint: str) -> tuple[Generation, ChatTools]:
     """A chat request's tools planned, its sampling checked, its messages rendered and tokenized."""
     cfg, tok = ctx.config, ctx.tok
-    tools = chat_tools(req, cfg.tool_call_parser, tok.tokenizer.chat_template)
+    template = request_chat_template(req, tok)
+    tools = chat_tools(req, cfg.tool_call_parser, template)
     if tools.constraint is not None:
         req.force_tool_call(tools.constraint)
     params = sampling_params(req)
     # Template errors (raise_exception, bad roles) are the caller's.
-    kwargs = {**(req.chat_template_kwargs or {}), **tools.template_kwargs}
+    kwargs = {**(req.chat_template_kwargs or {}), **tools.template_kwargs, "chat_template": template}
     prompt = await run_tokenizer(tok.encode_chat, tools.messages, req.add_generation_prompt,
                                  req.continue_final_message, kwargs, field="messages",
                                  prefix="messages: the chat template failed: ")
@@ -210,9 +214,11 @@ def _add_tokenizer_routes(app: FastAPI, ctx: RouterContext) -> None:
         check_model(ctx, req.model)
         field = "messages" if req.messages else "prompt"
         if req.messages is not None:
-            tools = chat_tools(req, cfg.tool_call_parser, tok.tokenizer.chat_template)
+            template = request_chat_template(req, tok)
+            tools = chat_tools(req, cfg.tool_call_parser, template)
+            kwargs = {**(req.chat_template_kwargs or {}), **tools.template_kwargs, "chat_template": template}
             prompt = await run_tokenizer(tok.encode_chat, tools.messages, req.add_generation_prompt, False,
-                                         tools.template_kwargs, field=field, prefix=f"{field}: ")
+                                         kwargs, field=field, prefix=f"{field}: ")
             ids = list(prompt.token_ids)
         else:
             ids = await run_tokenizer(tok.tokenizer.encode, req.prompt, req.add_special_tokens, field=field,
