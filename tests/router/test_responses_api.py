@@ -172,3 +172,33 @@ def test_openapi_declares_it(url):
     assert body["$ref"].endswith("/ResponsesRequest")
     tools = schema["components"]["schemas"]["ResponsesRequest"]["properties"]["tools"]
     assert "parameters" in json.dumps(tools)
+
+
+@pytest.fixture(scope="module")
+def hermes_client(serve_module, smol_engine, smol_tokenizer):
+    url = serve_module([LocalWorker(smol_engine)], smol_tokenizer, served_model_name=MODEL,
+                       tool_call_parser="hermes")[0]
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+def test_required_calls_streamed_equal_the_whole(hermes_client):
+    tools = TOOLS + [{"type": "function", "name": "get_time", "description": "The local time in a city",
+                      "parameters": {"type": "object", "required": ["city"], "additionalProperties": False,
+                                     "properties": {"city": {"type": "string", "maxLength": 12}}}}]
+    kwargs = dict(model=MODEL, input="What is the weather and the time in Paris and in London?", tools=tools,
+                  tool_choice="required", max_output_tokens=120, temperature=0)
+    whole = hermes_client.responses.create(**kwargs)
+    calls = [(i.name, i.arguments) for i in whole.output if i.type == "function_call"]
+    assert calls and all(json.loads(a) for _, a in calls)
+    events = list(hermes_client.responses.create(**kwargs, stream=True))
+    final = events[-1].response
+    assert [(i.type, getattr(i, "name", None), getattr(i, "arguments", None)) for i in final.output] == \
+        [(i.type, getattr(i, "name", None), getattr(i, "arguments", None)) for i in whole.output]
+    added = [e.output_index for e in events if e.type == "response.output_item.added"]
+    done = [e.output_index for e in events if e.type == "response.output_item.done"]
+    assert added == done == list(range(len(final.output)))  # items open and close in order, one at a time
+    # auto: the parser reads the text; plain text stays one message item
+    auto = hermes_client.responses.create(model=MODEL, input="Say hello.", tools=tools, max_output_tokens=8,
+                                          temperature=0)
+    assert auto.tool_choice == "auto" and auto.output
