@@ -202,3 +202,18 @@ def test_required_calls_streamed_equal_the_whole(hermes_client):
     auto = hermes_client.responses.create(model=MODEL, input="Say hello.", tools=tools, max_output_tokens=8,
                                           temperature=0)
     assert auto.tool_choice == "auto" and auto.output
+
+
+def test_an_error_mid_stream_is_an_error_event(serve, smol_engine, smol_tokenizer):
+    url = serve([LocalWorker(smol_engine)], smol_tokenizer, served_model_name=MODEL, request_timeout_s=1.0)[0]
+    body = {"model": MODEL, "input": "Tell me a long story about a dragon.", "max_output_tokens": 400,
+            "stream": True}
+    with httpx.stream("POST", f"{url}/v1/responses", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-2] == "event: error" and "[DONE]" not in lines[-1]
+    last = json.loads(lines[-1][len("data: "):])
+    assert last["type"] == "error" and last["code"] == "deadline_exceeded"
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        with pytest.raises(openai.APIError, match="request_timeout_s|deadline"):
+            for _ in c.responses.create(**body):
+                pass
