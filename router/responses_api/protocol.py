@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shoal.workers.engine.sampling_params import InvalidParam
 
-from ..openai_protocol import _Request
+from ..openai_protocol import _Request, validation_error_body
 
 
 class InputText(BaseModel):
@@ -209,10 +209,7 @@ def _item(i: int, raw: Any):
 
 
 def _validated(model: type[BaseModel], raw: dict, path: str):
-    from pydantic import ValidationError
-
-    from ..openai_protocol import validation_error_body
-
+    """``raw`` as ``model``; ``InvalidParam`` naming the field by its path under ``path``."""
     try:
         return model.model_validate(raw)
     except ValidationError as e:
