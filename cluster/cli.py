@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .flags import add_engine_args, add_etcd_arg, add_kv_transfer_args, add_router_args, engine_kwargs
 
 # RouterConfig fields a deployment's spec sets for all its routers: `shoal router` has no flag for them.
-SPEC_OWNED = ("placement", "disagg_min_prefill_tokens", "tool_call_parser")
+SPEC_OWNED = ("placement", "disagg_min_prefill_tokens", "tool_call_parser", "chat_template")
 
 
 def _version() -> str:

@@ -110,7 +110,7 @@ class EtcdRouter:
         return dataclasses.replace(self.base_config, placement=router.policy, placement_options=options,
                                    health_interval_s=self.health_interval_s, cold_start_wait_s=cold,
                                    disagg_min_prefill_tokens=router.disagg_min_prefill_tokens,
-                                   tool_call_parser=router.tool_call_parser)
+                                   tool_call_parser=router.tool_call_parser, chat_template=router.chat_template)
 
     async def start(self) -> int:
         """Listen, follow membership, become ready, register; -> the bound port. Raises (leaving

@@ -276,6 +276,9 @@ class RouterSpec:
     disagg_min_prefill_tokens: int = 512
     # The served model's tool-call format (RouterConfig.tool_call_parser, checked by its declaration).
     tool_call_parser: str | None = None
+    # The chat template instead of the tokenizer's (RouterConfig.chat_template: a path on the router's
+    # host, or the Jinja text inline; checked by its declaration: it loads and compiles).
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         from shoal.router.config import RouterConfig  # torch-free
@@ -286,6 +289,11 @@ class RouterSpec:
             check_mapping(RouterConfig, {"tool_call_parser": self.tool_call_parser}, "")
         except OptionError as e:
             raise SpecError("tool_call_parser", e.message) from None
+        if self.chat_template is not None:
+            try:
+                RouterConfig(chat_template=self.chat_template)
+            except (OptionError, TypeError) as e:
+                raise SpecError("chat_template", getattr(e, "message", str(e))) from None
         _check_int(self.replicas, "replicas", minimum=1)
         _check_int(self.disagg_min_prefill_tokens, "disagg_min_prefill_tokens", minimum=0)
         _check_int(self.port, "port", minimum=1, maximum=65535)
@@ -299,12 +307,13 @@ class RouterSpec:
         return {"replicas": self.replicas, "policy": self.policy, "port": self.port,
                 "policy_options": dict(self.policy_options),
                 "disagg_min_prefill_tokens": self.disagg_min_prefill_tokens,
-                **({"tool_call_parser": self.tool_call_parser} if self.tool_call_parser else {})}
+                **({"tool_call_parser": self.tool_call_parser} if self.tool_call_parser else {}),
+                **({"chat_template": self.chat_template} if self.chat_template is not None else {})}
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "router") -> "RouterSpec":
         d = _mapping(data, path, ("replicas", "policy", "port", "policy_options", "disagg_min_prefill_tokens",
-                                  "tool_call_parser"), "a router field")
+                                  "tool_call_parser", "chat_template"), "a router field")
         with _under(path):
             return cls(**d)
 

@@ -20,6 +20,7 @@ This module wires the app and holds the endpoints; each step lives in its own mo
     generation   placement, fan-out of the children, retry before the first token, deadline
     choice       one child's state: detokenization and stop strings
     responses    OpenAI bodies and chunks built from the choices
+    responses_api  /v1/responses: its body, the chat request it maps to, its response and events
     respond      admit -> start -> JSON or SSE, with the cleanup run exactly once
     streaming    the SSE body, and a response that notices a client leaving
     errors       ``ApiError`` and the handlers that give every error the OpenAI shape
@@ -46,6 +47,7 @@ from .config import RouterConfig
 from .context import RouterContext
 from .errors import ApiError, add_error_handlers
 from .generation import Generation
+from .chat_template import load_chat_template
 from .cold_start import OnDemand
 from .metrics import CONTENT_TYPE, RouterMetrics
 from .middleware import CountRequests, RequestContext, RequireApiKey, access_record
@@ -54,9 +56,13 @@ from .openai_protocol import (ChatCompletionRequest, CompletionRequest, Detokeni
                               ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from .respond import hold_for_worker, respond
 from .responses import ChatBuilder, CompletionBuilder
+from .responses_api.mapping import renamed, to_chat_request
+from .responses_api.output import ResponsesBuilder
+from .responses_api.protocol import ResponsesRequest
 from .tokenization import Prompt, RouterTokenizer
-from .validation import (chat_tools, check_limits, check_model, child_params, read_request, resolve_max_tokens,
-                         run_tokenizer, sampling_params, token_filters)
+from .tools.chat import ChatTools
+from .validation import (chat_tools, check_limits, check_model, child_params, read_request, request_chat_template,
+                         resolve_max_tokens, run_tokenizer, sampling_params, token_filters)
 
 # Paths that answer without the API key: probes and scrapers carry none, and the schema describes only.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs",
@@ -78,6 +84,8 @@ def create_app(config: RouterConfig, pool: WorkerPool, tokenizer: Tokenizer | Ro
     handles) at shutdown; the pool must not be shared with another app. ``on_demand(bool)``: told
     while requests are held for a worker to start (``config.cold_start_wait_s``, ``cold_start.py``)."""
     tok = tokenizer if isinstance(tokenizer, RouterTokenizer) else RouterTokenizer(tokenizer)
+    if config.chat_template is not None:  # checked by RouterConfig: it loads and compiles
+        tok = tok.with_chat_template(load_chat_template(config.chat_template))
     ctx = RouterContext(config, pool, tok, metrics or RouterMetrics(), clock, on_demand)
 
     @asynccontextmanager
@@ -104,6 +112,7 @@ def create_app(config: RouterConfig, pool: WorkerPool, tokenizer: Tokenizer | Ro
     _add_tokenizer_routes(app, ctx)
     _add_status_routes(app, ctx)
     declare_request_bodies(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+                                 "/v1/responses": ResponsesRequest,
                                  "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
     return app
 
@@ -129,18 +138,39 @@ def _add_generation_routes(app: FastAPI, ctx: RouterContext) -> None:
         req = await read_request(request, ChatCompletionRequest, cfg)
         await hold_for_worker(request, ctx)
         model = check_model(ctx, req.model)
-        tools = chat_tools(req, cfg.tool_call_parser, tok.tokenizer.chat_template)
-        if tools.constraint is not None:
-            req.force_tool_call(tools.constraint)
-        params = sampling_params(req)
-        # Template errors (raise_exception, bad roles) are the caller's.
-        kwargs = {**(req.chat_template_kwargs or {}), **tools.template_kwargs}
-        prompt = await run_tokenizer(tok.encode_chat, tools.messages, req.add_generation_prompt,
-                                     req.continue_final_message, kwargs, field="messages",
-                                     prefix="messages: the chat template failed: ")
-        gen = _generation(ctx, request, req, params, "chat_completions", [prompt], "messages", None)
+        gen, tools = await _chat_generation(ctx, request, req, "chat_completions")
         return await respond(request, ctx, gen, ChatBuilder(gen, model, tok, req.prompt_logprobs, tools.plan),
                              req.stream, req.include_usage)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        """OpenAI's Responses API, served as the chat request it maps to (``responses_api``)."""
+        req = await read_request(request, ResponsesRequest, cfg)
+        await hold_for_worker(request, ctx)
+        model = check_model(ctx, req.model)
+        try:
+            chat = to_chat_request(req)
+            gen, tools = await _chat_generation(ctx, request, chat, "responses")
+        except ApiError as e:  # the chat machinery names chat fields
+            raise renamed(e) from None
+        return await respond(request, ctx, gen, ResponsesBuilder(gen, model, req, tools.plan), req.stream, False)
+
+
+async def _chat_generation(ctx: RouterContext, request: Request, req: ChatCompletionRequest,
+                           endpoint: str) -> tuple[Generation, ChatTools]:
+    """A chat request's tools planned, its sampling checked, its messages rendered and tokenized."""
+    cfg, tok = ctx.config, ctx.tok
+    template = request_chat_template(req, tok)
+    tools = chat_tools(req, cfg.tool_call_parser, template)
+    if tools.constraint is not None:
+        req.force_tool_call(tools.constraint)
+    params = sampling_params(req)
+    # Template errors (raise_exception, bad roles) are the caller's.
+    kwargs = {**(req.chat_template_kwargs or {}), **tools.template_kwargs, "chat_template": template}
+    prompt = await run_tokenizer(tok.encode_chat, tools.messages, req.add_generation_prompt,
+                                 req.continue_final_message, kwargs, field="messages",
+                                 prefix="messages: the chat template failed: ")
+    return _generation(ctx, request, req, params, endpoint, [prompt], "messages", None), tools
 
 
 def _generation(ctx: RouterContext, request: Request, req: CompletionRequest | ChatCompletionRequest,
@@ -184,9 +214,11 @@ def _add_tokenizer_routes(app: FastAPI, ctx: RouterContext) -> None:
         check_model(ctx, req.model)
         field = "messages" if req.messages else "prompt"
         if req.messages is not None:
-            tools = chat_tools(req, cfg.tool_call_parser, tok.tokenizer.chat_template)
+            template = request_chat_template(req, tok)
+            tools = chat_tools(req, cfg.tool_call_parser, template)
+            kwargs = {**(req.chat_template_kwargs or {}), **tools.template_kwargs, "chat_template": template}
             prompt = await run_tokenizer(tok.encode_chat, tools.messages, req.add_generation_prompt, False,
-                                         tools.template_kwargs, field=field, prefix=f"{field}: ")
+                                         kwargs, field=field, prefix=f"{field}: ")
             ids = list(prompt.token_ids)
         else:
             ids = await run_tokenizer(tok.tokenizer.encode, req.prompt, req.add_special_tokens, field=field,

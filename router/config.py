@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-from shoal.workers.options import option, validate
+from shoal.workers.options import OptionError, option, validate
 
 from .tools import available_tool_parsers
 
@@ -33,6 +33,11 @@ class RouterConfig:
         None, "read tool calls from the model's text in this format, which enables tool_choice 'auto' "
               "(vLLM's --enable-auto-tool-choice --tool-call-parser): hermes (Qwen2.5, Hermes, SmolLM2), "
               "llama3_json (Llama 3.x)", choices=available_tool_parsers())
+
+    # Chat templates (router/chat_template.py): the served model's, unless a request brings its own.
+    chat_template: str | None = option(
+        None, "the chat template to render chat and /v1/responses requests with instead of the tokenizer's: a "
+              "file path or the Jinja template inline (vLLM's --chat-template)")
 
     max_prompt_tokens: int | None = option(
         None, "prompt length limit; None: the smallest max_model_len of the workers, less one generated token",
@@ -94,3 +99,10 @@ class RouterConfig:
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         validate(self)
+        if self.chat_template is not None:
+            from .chat_template import check_chat_template, load_chat_template
+
+            try:
+                check_chat_template(load_chat_template(self.chat_template))
+            except ValueError as e:
+                raise OptionError("RouterConfig.chat_template", str(e), "chat_template") from None

@@ -134,6 +134,7 @@ class CountRequests:
     """Pure ASGI middleware: count requests by route and status (streams count when they end)."""
 
     _ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions",
+               "/v1/responses": "responses",
                "/v1/models": "models", "/tokenize": "tokenize", "/detokenize": "detokenize",
                "/health": "health", "/ready": "ready", "/metrics": "metrics", "/version": "version"}
 

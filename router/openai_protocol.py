@@ -64,7 +64,11 @@ def validation_error_body(err: ValidationError) -> dict:
            if isinstance(p, int) or (str(p).isidentifier() and str(p) not in _TYPE_NAMES)]
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, InvalidParam):  # our own check: its message already names the field
-        return error_body(str(cause), param=".".join([*loc, cause.field]))
+        param = ".".join([*loc, cause.field])
+        msg = str(cause)
+        if loc and msg.startswith(cause.field):  # a nested model's check: name the field by its whole path
+            msg = param + msg[len(cause.field):]
+        return error_body(msg, param=param)
     param = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
         return error_body(f"{param}: unrecognized request argument; shoal refuses fields it does not know "
@@ -464,6 +468,17 @@ class ChatMessage(BaseModel):
         return out
 
 
+# Template variables the router sets itself: chat_template_kwargs may not replace them.
+_TEMPLATE_OWN = {"chat_template": "use the chat_template field", "messages": "they are the request's messages",
+                 "add_generation_prompt": "use the add_generation_prompt field", "tools": "use the tools field"}
+
+
+def check_template_kwargs(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    for key in (v or {}).keys() & _TEMPLATE_OWN.keys():
+        raise InvalidParam(key, f"{key}: not a chat_template_kwargs key ({_TEMPLATE_OWN[key]})")
+    return v
+
+
 _LEGACY = "the legacy function-calling field (use tools and tool_choice)"
 
 
@@ -474,7 +489,6 @@ class ChatCompletionRequest(_SamplingRequest):
         "function_call": (("none", "auto"), f"function_call, {_LEGACY},"),
         "audio": ((), "audio output"), "modalities": ((["text"],), "modalities other than ['text']"),
         "reasoning_effort": ((), "reasoning_effort"), "web_search_options": ((), "web search"),
-        "chat_template": ((), "a per-request chat_template"),
     }
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -485,6 +499,7 @@ class ChatCompletionRequest(_SamplingRequest):
     # vLLM extras for templates
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template: str | None = None  # the Jinja template to render this request with (vLLM's)
     chat_template_kwargs: dict[str, Any] | None = None
     # tool calling (router/tools)
     tools: list[ChatTool] | None = None
@@ -502,6 +517,11 @@ class ChatCompletionRequest(_SamplingRequest):
             return own
         spec = self._tool_constraint
         return [("tool_choice", lambda: spec), *own]
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _own_variables(cls, v):
+        return check_template_kwargs(v)
 
     @model_validator(mode="after")
     def _checks(self):
@@ -537,11 +557,21 @@ class TokenizeRequest(_Request):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _own_variables(cls, v):
+        return check_template_kwargs(v)
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise InvalidParam("prompt", "prompt: give exactly one of prompt and messages")
+        for name in ("chat_template", "chat_template_kwargs"):
+            if self.prompt is not None and getattr(self, name) is not None:
+                raise InvalidParam(name, f"{name}: only with messages (a prompt is not rendered)")
         return self
 
 

@@ -67,7 +67,8 @@ async def _collect(gen: Generation, builder: ResponseBuilder) -> Response:
     while (event := await gen.next_event()) is not None:
         if event.error is not None:
             raise event.error
-    return JSONResponse(builder.response().model_dump())
+    body = builder.response()
+    return JSONResponse(body if isinstance(body, dict) else body.model_dump())
 
 
 async def hold_for_worker(request: Request, ctx: RouterContext) -> None:

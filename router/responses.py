@@ -25,15 +25,21 @@ if TYPE_CHECKING:
 
 
 class ResponseBuilder(Protocol):
-    def start_chunks(self) -> list[BaseModel]:
+    ends_with_done: bool  # the stream's last line is ``data: [DONE]``
+
+    def start_chunks(self) -> list:
         """What a stream sends before any token."""
 
-    def event_chunk(self, ev: Event) -> BaseModel | None:
-        """The chunk of one event; None when it has nothing to show yet."""
+    def event_chunk(self, ev: Event) -> BaseModel | list | None:
+        """The chunk (or chunks) of one event; None when it has nothing to show yet."""
 
-    def usage_chunk(self) -> BaseModel: ...
+    def end_chunks(self, include_usage: bool) -> list:
+        """What a stream sends once every choice has finished."""
 
-    def response(self) -> BaseModel:
+    def error_chunks(self, body: dict) -> list:
+        """What a stream sends for an error after its first token (``body``: the OpenAI error body)."""
+
+    def response(self) -> BaseModel | dict:
         """The whole answer, once every choice has finished."""
 
 
@@ -69,8 +75,16 @@ class _Builder:
     def _chunk(self, choices: list, usage: Usage | None = None) -> BaseModel:
         return self.chunk_type(**self._envelope(), choices=choices, usage=usage)
 
+    ends_with_done = True
+
     def usage_chunk(self) -> BaseModel:
         return self._chunk([], self.gen.usage())
+
+    def end_chunks(self, include_usage: bool) -> list:
+        return [self.usage_chunk()] if include_usage else []
+
+    def error_chunks(self, body: dict) -> list:
+        return [body]
 
     @staticmethod
     def _ending(ev: Event) -> dict:

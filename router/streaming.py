@@ -1,15 +1,18 @@
 """Server-sent events: a generation's events as ``data:`` lines, in a response that notices a client
 going away and always cleans up.
 
-A stream ends with ``data: [DONE]`` however it ends; an error after the first token (a worker
-failing, the deadline) is sent as one ``data: {"error": ...}`` event before it, since the status
-line is long gone.
+A stream ends with ``data: [DONE]`` however it ends (unless its builder's ``ends_with_done`` is false:
+the Responses API's); an error after the first token (a worker failing, the deadline) is sent as the
+builder's ``error_chunks`` (chat and completions: one ``data: {"error": ...}`` event) before it, since
+the status line is long gone. A builder may answer an event with several chunks (a list), and a
+:class:`NamedEvent` goes out with an ``event:`` line.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
 import anyio
 from fastapi.responses import StreamingResponse
@@ -32,34 +35,55 @@ DONE = "data: [DONE]\n\n"
 _LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
-def sse(payload: BaseModel | dict) -> str:
+@dataclass(frozen=True)
+class NamedEvent:
+    """An SSE event with an ``event:`` name (the Responses API's)."""
+
+    name: str
+    data: dict
+
+
+def sse(payload: BaseModel | dict | NamedEvent) -> str:
+    if isinstance(payload, NamedEvent):
+        return f"event: {payload.name}\n{sse(payload.data)}"
     data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
     return f"data: {data.translate(_LINE_BREAKS)}\n\n"
+
+
+def _lines(chunks: Any) -> Iterator[str]:
+    """A builder's answer (None, one chunk, or a list of them) as SSE text."""
+    if chunks is None:
+        return
+    for chunk in chunks if isinstance(chunks, list) else [chunks]:
+        yield sse(chunk)
 
 
 async def stream_events(gen: Generation, builder: ResponseBuilder, first: Event | None, include_usage: bool,
                         close: Callable[[], None]) -> AsyncIterator[str]:
     """The body of a stream whose ``first`` event has already been taken; ``close`` runs when it ends."""
     try:
-        for chunk in builder.start_chunks():
-            yield sse(chunk)
+        for line in _lines(builder.start_chunks()):
+            yield line
         event = first
         while event is not None:
             if event.error is not None:  # after the first token: end the stream with the error
-                yield sse(event.error.body())
+                for line in _lines(builder.error_chunks(event.error.body())):
+                    yield line
                 break
-            chunk = builder.event_chunk(event)
-            if chunk is not None:  # None: the event says nothing yet (text held back by a tool parser)
-                yield sse(chunk)
+            # None: the event says nothing yet (text held back by a tool parser)
+            for line in _lines(builder.event_chunk(event)):
+                yield line
             event = await gen.next_event()
         else:
-            if include_usage:
-                yield sse(builder.usage_chunk())
+            for line in _lines(builder.end_chunks(include_usage)):
+                yield line
     except ApiError as e:  # the deadline
-        yield sse(e.body())
+        for line in _lines(builder.error_chunks(e.body())):
+            yield line
     finally:
         close()
-    yield DONE
+    if builder.ends_with_done:
+        yield DONE
 
 
 class SSEResponse(StreamingResponse):

@@ -7,6 +7,7 @@ the template writes its own special tokens (as HF ``apply_chat_template(tokenize
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -57,6 +58,12 @@ class RouterTokenizer:
             if cut >= 0:
                 text = text[: cut + len(last)]
         return Prompt(text, tuple(self.tokenizer.encode(text, add_special_tokens=False)))
+
+    def with_chat_template(self, template: str) -> "RouterTokenizer":
+        """This tokenizer rendering chats with ``template`` (the router's ``--chat-template``)."""
+        tokenizer = copy.copy(self.tokenizer)  # shares the (thread-safe) backend
+        tokenizer.chat_template = template
+        return RouterTokenizer(tokenizer)
 
     def check_ids(self, ids: Sequence[int], field: str) -> None:
         if not ids:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from shoal.workers.engine.sampling_params import SamplingParams
 
+from .chat_template import check_chat_template
 from .config import RouterConfig
 from .context import RouterContext
 from .errors import ApiError, bad_value
@@ -232,6 +233,18 @@ def chat_tools(req: ChatCompletionRequest | TokenizeRequest, configured_parser: 
                                   configured_parser, chat_template)
     except ValueError as e:
         raise bad_value(e) from None
+
+
+def request_chat_template(req: ChatCompletionRequest | TokenizeRequest, tok: RouterTokenizer) -> str | None:
+    """The template to render ``req`` with: its own ``chat_template`` (compiled here: a 400 naming the
+    field with Jinja's error), else the router's (``--chat-template``, else the tokenizer's)."""
+    if req.chat_template is None:
+        return tok.tokenizer.chat_template
+    try:
+        check_chat_template(req.chat_template)
+    except ValueError as e:
+        raise ApiError(400, f"chat_template: {e}", param="chat_template") from None
+    return req.chat_template
 
 
 def sampling_params(req: _SamplingRequest) -> SamplingParams:

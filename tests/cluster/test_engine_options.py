@@ -24,7 +24,8 @@ from shoal.workers.server import build_parser as worker_parser
 
 # Values a declaration alone cannot invent (a custom check); everything else is derived from it.
 SPECIAL = {"device": "cuda:1", "model": "/models/some-checkpoint", "tokenizer": "/models/some-tokenizer",
-           "served_model_name": "my-model", "placement": "least_load", "api_key": "sk-test"}
+           "served_model_name": "my-model", "placement": "least_load", "api_key": "sk-test",
+           "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
 
 
 def non_default(info: OptionInfo) -> Any:

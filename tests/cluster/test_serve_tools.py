@@ -38,3 +38,15 @@ def test_a_forced_call_and_auto_through_shoal_serve(client):
     assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
     auto = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=8, temperature=0)
     assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")  # served: the flag enabled auto
+
+
+def test_the_responses_api_through_shoal_serve(client):
+    tools = [{"type": "function", **TOOLS[0]["function"]}]
+    kwargs = dict(model=MODEL, input=ASK, tools=tools, tool_choice={"type": "function", "name": "get_weather"},
+                  max_output_tokens=40, temperature=0)
+    whole = client.responses.create(**kwargs)
+    [call] = whole.output
+    assert call.type == "function_call" and json.loads(call.arguments)["city"] in ("Paris", "Rome")
+    events = list(client.responses.create(**kwargs, stream=True))
+    assert events[-1].type == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == call.arguments

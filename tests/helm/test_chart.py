@@ -175,6 +175,13 @@ def test_the_tool_call_parser_reaches_the_spec(helm, tmp_path):
     assert out.returncode != 0 and "tool_call_parser" in out.stderr, out.stderr
 
 
+def test_the_chat_template_reaches_the_spec(helm, tmp_path):
+    values = tmp_path / "template.yaml"
+    values.write_text("deployment:\n  router:\n    chat_template: \"{% for m in messages %}{{ m.content }}{% endfor %}\"\n")
+    spec = DeploymentSpec.from_yaml(find(helm.template(str(values)), "ConfigMap", "-spec")["data"]["deploy.yaml"])
+    assert spec.router.chat_template == "{% for m in messages %}{{ m.content }}{% endfor %}"
+
+
 @pytest.mark.parametrize("bad", sorted(p.name for p in (VALUES / "bad").glob("*.yaml")))
 def test_bad_values_are_refused_naming_the_path(helm, bad):
     path = VALUES / "bad" / bad

@@ -84,6 +84,7 @@ app.kubernetes.io/part-of: shoal
 {{- $etcd := dict "endpoints" (splitList "," (include "shoal.etcdEndpoints" .)) "prefix" $d.etcd.prefix -}}
 {{- $router := dict "replicas" 1 "port" (int .Values.router.port) "policy" $d.router.policy "policy_options" (default dict $d.router.policy_options) "disagg_min_prefill_tokens" $d.router.disagg_min_prefill_tokens -}}
 {{- if $d.router.tool_call_parser -}}{{- $_ := set $router "tool_call_parser" $d.router.tool_call_parser -}}{{- end -}}
+{{- if $d.router.chat_template -}}{{- $_ := set $router "chat_template" $d.router.chat_template -}}{{- end -}}
 {{- $spec := dict "name" (include "shoal.deploymentName" .) "model" .Values.model.name "pools" $pools "router" $router "etcd" $etcd -}}
 {{- if $d.autoscaling -}}{{- $_ := set $spec "autoscaling" $d.autoscaling -}}{{- end -}}
 {{- toYaml $spec -}}
