@@ -52,6 +52,7 @@ class Calibration:
     input_len: int = 64
     output_len: int = 32
     seed: int = 0
+    regular: bool = False  # evenly spaced arrivals instead of Poisson (no noise in the policy's rate)
     min_replicas: int = 1
     max_replicas: int = 3
     ttft_s: float = 2.0  # the slo policy's targets
@@ -65,7 +66,7 @@ class Calibration:
     def trace(self) -> Trace:
         end = self.base_s + self.peak_s
         return trace_of("step", [(0.0, self.base_rate), (self.base_s, self.peak_rate), (end, 0.0)], end,
-                        self.seed, self.input_len, self.output_len, range_ratio=0.0)
+                        self.seed, self.input_len, self.output_len, range_ratio=0.0, regular=self.regular)
 
     def spec(self, profile_path: str, etcd_endpoint: str, tokenizer: str | None = None) -> DeploymentSpec:
         engine = dict(self.engine, **({"tokenizer": tokenizer} if tokenizer else {}))
@@ -76,7 +77,10 @@ class Calibration:
             "etcd": {"endpoints": etcd_endpoint},
             "autoscaling": {POOL: {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                                    "policy": "slo", "profile": profile_path, "ttft_s": self.ttft_s,
-                                   "itl_s": self.itl_s, "scale_down_window_s": self.scale_down_window_s}}})
+                                   "itl_s": self.itl_s, "scale_down_window_s": self.scale_down_window_s,
+                                   # the mix it plans on until requests finish (its defaults are 256 / 128)
+                                   "default_prompt_len": float(self.input_len),
+                                   "default_output_len": float(self.output_len)}}})
 
 
 # -- the live run -----------------------------------------------------------------------------------
@@ -247,6 +251,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             ("max_replicas", "the pool's upper bound")):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(d, name),
                        help=f"{help_text} (default: %(default)s)")
+    p.add_argument("--regular", action="store_true", help="evenly spaced arrivals instead of Poisson")
     p.add_argument("--result-file", default=None)
 
 

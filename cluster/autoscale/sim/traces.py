@@ -79,22 +79,44 @@ def make_trace(name: str, peak_rate: float, duration_s: float = 3600.0, seed: in
 
 
 def trace_of(name: str, segments, duration_s: float, seed: int = 0, input_len: int = 256, output_len: int = 128,
-             range_ratio: float = 0.5, rng: random.Random | None = None) -> Trace:
-    """The requests of piecewise-constant ``(start, rate in req/s)`` segments over ``duration_s``."""
+             range_ratio: float = 0.5, rng: random.Random | None = None, regular: bool = False) -> Trace:
+    """The requests of piecewise-constant ``(start, rate in req/s)`` segments over ``duration_s``: a
+    Poisson process, or with ``regular`` evenly spaced arrivals (a segment at rate r: one every 1/r s)."""
     rng = rng or random.Random(f"{name}-{seed}")
     segments = [(float(s), float(r)) for s, r in segments]
     peak_rate = max(r for _, r in segments)
+    arrivals = regular_arrivals(segments, duration_s) if regular else poisson_arrivals(segments, duration_s, rng)
+    sessions = random_sessions(DatasetConfig(name="random", num_prompts=max(1, len(arrivals)), seed=seed,
+                                             input_len=input_len, output_len=output_len, range_ratio=range_ratio))
+    requests = tuple(TraceRequest(a, s.turns[0].prompt, s.turns[0].output_len) for a, s in zip(arrivals, sessions))
+    return Trace(name, duration_s, peak_rate, tuple(segments), requests)
+
+
+def poisson_arrivals(segments, duration_s: float, rng: random.Random) -> list[float]:
+    """A non-homogeneous Poisson process: candidates at the peak rate, each kept with probability
+    rate(t) / peak (thinning)."""
+    peak_rate = max(r for _, r in segments)
     arrivals, t = [], 0.0
-    while peak_rate > 0:  # thinning: candidates at the peak rate, each kept with probability rate(t) / peak
+    while peak_rate > 0:
         t += rng.expovariate(peak_rate)
         if t >= duration_s:
             break
         if rng.random() * peak_rate <= rate_at(segments, t):
             arrivals.append(t)
-    sessions = random_sessions(DatasetConfig(name="random", num_prompts=max(1, len(arrivals)), seed=seed,
-                                             input_len=input_len, output_len=output_len, range_ratio=range_ratio))
-    requests = tuple(TraceRequest(a, s.turns[0].prompt, s.turns[0].output_len) for a, s in zip(arrivals, sessions))
-    return Trace(name, duration_s, peak_rate, tuple(segments), requests)
+    return arrivals
+
+
+def regular_arrivals(segments, duration_s: float) -> list[float]:
+    """One arrival every 1/rate seconds in each segment, the first half a gap after its start."""
+    out = []
+    ends = [start for start, _ in segments[1:]] + [duration_s]
+    for (start, rate), end in zip(segments, ends):
+        if rate > 0:
+            t = start + 0.5 / rate
+            while t < min(end, duration_s):
+                out.append(t)
+                t += 1.0 / rate
+    return out
 
 
 def rate_at(segments, t: float) -> float:
