@@ -130,8 +130,9 @@ def _add_generation_routes(app: FastAPI, ctx: RouterContext) -> None:
                                       errors=ValueError)
         gen = _generation(ctx, request, req, params, "completions", prompts, "prompt",
                           cfg.default_completion_max_tokens)
-        return await respond(request, ctx, gen, CompletionBuilder(gen, model, tok, req.echo, req.logprobs,
-                                                                  req.prompt_logprobs), req.stream, req.include_usage)
+        builder = CompletionBuilder(gen, model, tok, req.echo, req.logprobs, req.prompt_logprobs,
+                                    continuous_usage=req.continuous_usage)
+        return await respond(request, ctx, gen, builder, req.stream, req.include_usage)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -139,8 +140,8 @@ def _add_generation_routes(app: FastAPI, ctx: RouterContext) -> None:
         await hold_for_worker(request, ctx)
         model = check_model(ctx, req.model)
         gen, tools = await _chat_generation(ctx, request, req, "chat_completions")
-        return await respond(request, ctx, gen, ChatBuilder(gen, model, tok, req.prompt_logprobs, tools.plan),
-                             req.stream, req.include_usage)
+        builder = ChatBuilder(gen, model, tok, req.prompt_logprobs, tools.plan, continuous_usage=req.continuous_usage)
+        return await respond(request, ctx, gen, builder, req.stream, req.include_usage)
 
     @app.post("/v1/responses")
     async def responses(request: Request):

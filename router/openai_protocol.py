@@ -115,6 +115,7 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
 _SAMPLING_UNSUPPORTED: dict[str, tuple[tuple, str]] = {
@@ -273,6 +274,11 @@ class _SamplingRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """``stream_options.continuous_usage_stats`` with ``include_usage``: usage on every chunk (vLLM's)."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     @property
     @abstractmethod

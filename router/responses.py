@@ -49,9 +49,11 @@ class _Builder:
     id_prefix: str
     chunk_type: type[ChatCompletionChunk] | type[CompletionChunk]
 
-    def __init__(self, gen: Generation, model: str, tok: RouterTokenizer, prompt_logprobs: int | None = None) -> None:
+    def __init__(self, gen: Generation, model: str, tok: RouterTokenizer, prompt_logprobs: int | None = None,
+                 continuous_usage: bool = False) -> None:
         self.gen, self.model, self.tok = gen, model, tok
         self.prompt_logprobs = prompt_logprobs  # top-k the client asked for in prompt_logprobs, None: not asked
+        self.continuous_usage = continuous_usage  # every chunk with choices carries the usage so far
         self.id = f"{self.id_prefix}-{gen.id}"
         self.created = int(time.time())
 
@@ -73,6 +75,8 @@ class _Builder:
         return {"id": self.id, "created": self.created, "model": self.model}
 
     def _chunk(self, choices: list, usage: Usage | None = None) -> BaseModel:
+        if usage is None and choices and self.continuous_usage:
+            usage = self.gen.usage()
         return self.chunk_type(**self._envelope(), choices=choices, usage=usage)
 
     ends_with_done = True
@@ -106,8 +110,9 @@ class CompletionBuilder(_Builder):
     chunk_type = CompletionChunk
 
     def __init__(self, gen: Generation, model: str, tok: RouterTokenizer, echo: bool,
-                 logprobs: int | None = None, prompt_logprobs: int | None = None) -> None:
-        super().__init__(gen, model, tok, prompt_logprobs)
+                 logprobs: int | None = None, prompt_logprobs: int | None = None,
+                 continuous_usage: bool = False) -> None:
+        super().__init__(gen, model, tok, prompt_logprobs, continuous_usage)
         self.echo = [self._prompt_text(p) for p in gen.prompts] if echo else None
         self.echo_logprobs = logprobs if echo else None  # top-k of the echoed tokens, None: no logprobs
         self._offsets: dict[int, int] = {}  # choice index -> text_offset of its next token
@@ -199,8 +204,8 @@ class ChatBuilder(_Builder):
     chunk_type = ChatCompletionChunk
 
     def __init__(self, gen: Generation, model: str, tok: RouterTokenizer, prompt_logprobs: int | None = None,
-                 tools: ToolPlan | None = None) -> None:
-        super().__init__(gen, model, tok, prompt_logprobs)
+                 tools: ToolPlan | None = None, continuous_usage: bool = False) -> None:
+        super().__init__(gen, model, tok, prompt_logprobs, continuous_usage)
         self.tools = tools if tools is not None and tools.parses else None
         self._outputs: dict[int, ToolCallOutput] = {}  # choice index -> its stream's parser
 

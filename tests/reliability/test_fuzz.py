@@ -27,7 +27,7 @@ from hypothesis_jsonschema import from_schema
 
 from tests.reliability.support import wait_kv_blocks_free
 
-POST_PATHS = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
+POST_PATHS = ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize"]
 GET_PATHS = ["/v1/models", "/version", "/health", "/ready", "/metrics", "/openapi.json"]
 EXAMPLES = 150
 WORKER = "fuzz-0"  # the tiny_router fixture's engine
@@ -62,11 +62,14 @@ def check_answer(r: httpx.Response, what) -> None:
         assert err["param"] is None or isinstance(err["param"], str), (what, err)
         assert err["code"] is None or isinstance(err["code"], (str, int)), (what, err)
     elif r.headers.get("content-type", "").startswith("text/event-stream"):
-        for line in r.text.splitlines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                event = json.loads(line.removeprefix("data: "))
-                assert "error" not in event, (what, event)  # a 200 stream that failed is a hidden 5xx
-        assert r.text.rstrip().endswith("data: [DONE]"), (what, r.text[-500:])
+        events = [json.loads(line.removeprefix("data: ")) for line in r.text.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        if r.text.startswith("event: "):  # the Responses API's: named events, no [DONE]
+            assert all(e.get("type") != "error" for e in events), (what, events[-1:])  # a hidden 5xx
+            assert events and events[-1]["type"] in ("response.completed", "response.incomplete"), (what, events[-1:])
+        else:
+            assert all("error" not in e for e in events), (what, events[-1:])  # a 200 stream that failed: a hidden 5xx
+            assert r.text.rstrip().endswith("data: [DONE]"), (what, r.text[-500:])
 
 
 def still_serving(client: httpx.Client, model: str) -> None:

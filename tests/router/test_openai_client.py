@@ -62,6 +62,23 @@ def test_streamed_completion_equals_the_whole_one(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(model=MODEL, prompt=PARIS, max_tokens=4, temperature=0, stream=True,
+                                            stream_options=options))
+    with_text = [c for c in chunks if c.choices]
+    assert with_text and all(c.usage is not None for c in with_text)
+    counts = [c.usage.completion_tokens for c in with_text]
+    assert counts == sorted(counts) and counts[-1] == 4 and counts[0] < 4  # grows as tokens come
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    chat = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=3, temperature=0, stream=True, stream_options=options))
+    assert all(c.usage is not None for c in chat if c.choices)
+    plain = list(client.completions.create(model=MODEL, prompt=PARIS, max_tokens=2, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in plain if c.choices)  # without it: usage in the last chunk only
+
+
 def test_token_id_prompts_and_a_list_of_prompts(client, smol_tokenizer):
     germany = "The capital of Germany is"
     r = client.completions.create(model=MODEL, prompt=[PARIS, germany], max_tokens=2, temperature=0)
