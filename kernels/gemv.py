@@ -410,11 +410,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return gemv(x2, weight, bias, cfg).view(*x.shape[:-1], weight.shape[0])
 
 
-def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                        silu_and_mul=None) -> torch.Tensor:
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``silu_and_mul(F.linear(x, weight, bias))`` for a fused gate/up weight, in one kernel where the
-    table says so; otherwise cuBLAS then ``silu_and_mul`` (the Triton activation by default)."""
+    table says so; otherwise cuBLAS then the Triton ``silu_and_mul``."""
     cfg = table_config("gate_up_silu", x, weight)
     if cfg is None:
-        return (silu_and_mul or activation.silu_and_mul)(F.linear(x, weight, bias))
+        return activation.silu_and_mul(F.linear(x, weight, bias))
     return gemv_silu_and_mul(x, weight, bias, cfg)

@@ -6,7 +6,6 @@ OUT=${OUT:-/tmp/out}
 here=$PWD
 rm -rf /tmp/nogemv && cp -r "$here" /tmp/nogemv
 python3 - <<'PY'
-import re
 p = "/tmp/nogemv/kernels/gemv.py"
 s = open(p).read()
 i = s.index("GEMV_TABLE: dict[")

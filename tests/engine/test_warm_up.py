@@ -10,8 +10,9 @@ from shoal.workers.llm_engine import LLMEngine
 
 
 def engine(**kw) -> LLMEngine:
+    kw.setdefault("max_model_len", 1024)
     return LLMEngine(EngineConfig(model="tiny-smollm2-vocab", load_format="dummy", device="cpu",
-                                  num_kv_blocks=128, max_model_len=1024, **kw))
+                                  num_kv_blocks=128, **kw))
 
 
 def run(e: LLMEngine, prompt: list[int]) -> list[int]:
@@ -37,6 +38,8 @@ def test_warm_up_leaves_a_fresh_engine_that_serves_the_same_tokens():
 
 
 def test_waves_larger_than_the_step_budget_or_the_context_are_skipped():
-    e = engine(max_num_batched_tokens=256)  # the 16 x 512 wave does not fit a step: skipped, not stuck
+    # 16 x 32 and 16 x 512 do not fit a step, and 512-token prompts not the context (add_request would
+    # refuse them): both skipped
+    e = engine(max_num_batched_tokens=256, max_model_len=256)
     e.warm_up()
     assert not e.has_unfinished_requests()

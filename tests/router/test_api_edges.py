@@ -14,8 +14,8 @@ from importlib.metadata import version
 
 import httpx
 import pytest
+from worker_support import RecordingWorker
 
-from shoal.router.local_worker import LocalWorker
 from shoal.workers.engine.sampling_params import InvalidParam, SamplingParams
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -29,18 +29,6 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return bool(predicate())
-
-
-class RecordingWorker(LocalWorker):
-    """A real ``LocalWorker`` that keeps the request ids handed to it."""
-
-    def __init__(self, engine) -> None:
-        super().__init__(engine)
-        self.request_ids: list[str] = []
-
-    def generate(self, req):
-        self.request_ids.append(req.request_id)
-        return super().generate(req)
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,12 @@ import math
 import httpx
 import openai
 import pytest
+from worker_support import RecordingWorker
 
 from shoal.router.local_worker import LocalWorker
 
 MODEL = "smollm2"
 PARIS = "The capital of France is"
-
-
-class RecordingWorker(LocalWorker):
-    def __init__(self, engine) -> None:
-        super().__init__(engine)
-        self.request_ids: list[str] = []
-
-    def generate(self, req):
-        self.request_ids.append(req.request_id)
-        return super().generate(req)
 
 
 @pytest.fixture(scope="module")

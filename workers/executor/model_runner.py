@@ -162,8 +162,8 @@ class ModelRunner:
     def _compile_lm_head(model: LlamaForCausalLM, max_seqs: int) -> None:
         """The LM head runs outside the decode graphs, and the skinny GEMM it may use for up to 8 rows
         (``shoal.kernels.gemv``) compiles at its first call per row count: call it at each count now,
-        not in a served step (the first steps with 2, 4 and 8 rows stalled the streams of a c16 run by
-        2.3 s)."""
+        so that compile is not paid in a served step. In every rank's runner (with tensor parallelism
+        the head's all-gather is a collective), which is why this is not part of ``LLMEngine.warm_up``."""
         weight = model.lm_head.weight
         for rows in range(1, min(max_seqs, 8) + 1):
             model.compute_logits(torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=weight.device))
